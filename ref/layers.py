@@ -1,0 +1,99 @@
+"""The numeric building blocks: linear, norms, gelu, RoPE, attention. All float32.
+
+Weights arrive as stored (float32, float16 or Bf16 memory maps) and are upcast exactly at the
+point of use, one matrix at a time. Dimension letters: see `ref/__init__.py`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .config import Rope
+from .safetensors_io import to_f32
+
+F32_MIN = np.finfo(np.float32).min
+
+
+def linear(x: np.ndarray, w, b=None) -> np.ndarray:
+    """[..., In] @ [Out, In]^T (+ [Out]) -> [..., Out]. nn.Linear."""
+    y = x @ to_f32(w).T
+    return y if b is None else y + to_f32(b)
+
+
+def rms_norm(x: np.ndarray, w=None, eps: float = 1e-6) -> np.ndarray:
+    """[..., N] -> [..., N]. Gemma4UnifiedRMSNorm: x * (mean(x^2) + eps)^-0.5 * w (w, not 1 + w; None = no scale)."""
+    y = x * np.power(np.mean(x * x, axis=-1, keepdims=True) + np.float32(eps), np.float32(-0.5))
+    return y if w is None else y * to_f32(w)
+
+
+def layer_norm(x: np.ndarray, w, b, eps: float = 1e-5) -> np.ndarray:
+    """[..., N] -> [..., N]. nn.LayerNorm: biased variance, eps inside the square root."""
+    mu = np.mean(x, axis=-1, keepdims=True)
+    xc = x - mu
+    var = np.mean(xc * xc, axis=-1, keepdims=True)
+    return xc / np.sqrt(var + np.float32(eps)) * to_f32(w) + to_f32(b)
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    """[...] -> [...]. GELU, tanh approximation (HF "gelu_pytorch_tanh")."""
+    c = np.float32(np.sqrt(2.0 / np.pi))
+    return np.float32(0.5) * x * (np.float32(1.0) + np.tanh(c * (x + np.float32(0.044715) * x * x * x)))
+
+
+def softcap(x: np.ndarray, cap: float | None) -> np.ndarray:
+    """[...] -> [...]. cap * tanh(x / cap); identity when cap is None."""
+    if cap is None:
+        return x
+    cap = np.float32(cap)
+    return cap * np.tanh(x / cap)
+
+
+# ---- rotary position embedding ----------------------------------------------------------------
+
+def rope_inv_freq(rope: Rope, head_dim: int) -> np.ndarray:
+    """-> [Dh/2] float32 angular frequencies.
+
+    Default RoPE: theta^(-2i/Dh) for every pair. Proportional RoPE (global layers): only the first
+    int(fraction * Dh // 2) pairs rotate, still with exponent 2i/Dh over the full head_dim; the rest have
+    frequency 0 (cos 1, sin 0: unrotated). Mirrors `_compute_proportional_rope_parameters`.
+    """
+    rotated = int(rope.rotated_fraction * head_dim // 2)
+    exponents = np.arange(0, 2 * rotated, 2, dtype=np.float32) / np.float32(head_dim)
+    inv = np.float32(1.0) / np.power(np.float32(rope.theta), exponents)
+    inv = np.concatenate([inv, np.zeros(head_dim // 2 - rotated, np.float32)])
+    return (inv / np.float32(rope.factor)).astype(np.float32)
+
+
+def rope_cos_sin(positions: np.ndarray, inv_freq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """positions [B, T] int, inv_freq [Dh/2] -> cos, sin [B, T, Dh] (each frequency used for both halves)."""
+    angles = positions[..., None].astype(np.float32) * inv_freq
+    angles = np.concatenate([angles, angles], axis=-1)
+    return np.cos(angles), np.sin(angles)
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """x [B, T, N, Dh], cos/sin [B, T, Dh] -> [B, T, N, Dh]. Half-split rotation: pairs (i, i + Dh/2)."""
+    half = x.shape[-1] // 2
+    rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+# ---- attention --------------------------------------------------------------------------------
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Grouped-query attention with scale 1 (q_norm/k_norm replace 1/sqrt(Dh)).
+
+    q [B, T, H, Dh], k/v [B, S, K, Dh], mask [B, T, S] bool (True = may attend) -> [B, T, H, Dh].
+    Masked scores are set to the float32 minimum, as HF's eager/sdpa masks do, so a row with no
+    visible key (a left-padding query) averages all values instead of producing NaN.
+    """
+    B, T, H, Dh = q.shape
+    K = k.shape[2]
+    qg = q.reshape(B, T, K, H // K, Dh).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, Dh]
+    kt = k.transpose(0, 2, 3, 1)[:, :, None]  # [B, K, 1, Dh, S]
+    scores = qg @ kt  # [B, K, G, T, S]
+    scores = np.where(mask[:, None, None], scores, F32_MIN)
+    scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    probs = scores / scores.sum(axis=-1, keepdims=True)
+    out = probs @ v.transpose(0, 2, 1, 3)[:, :, None]  # [B, K, G, T, Dh]
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, Dh)

@@ -1,0 +1,47 @@
+"""Which keys each query may see, per layer type (SPEC.md, "The attention mask").
+
+Our semantics, as Google's JAX code and HF's `create_masks_for_vision_model`:
+  full layers:    causal
+  sliding layers: window AND (causal OR same image/video block)
+and, for `use_bidirectional_attention == "all"`, no causality at all: full layers see every real key,
+sliding layers see keys with |q - k| <= window // 2 + 1 (`sliding_window_bidirectional_overlay`).
+Padding keys (attention_mask 0) are never visible. Queries and keys are named by their absolute index
+in the sequence (not their RoPE position), so the same function serves prefill and cached decoding.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .config import FULL, Config
+
+
+def block_ids(mm_token_type_ids: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
+    """mm_token_type_ids [B, T] (0 text, 1 image, 2 video, 3 audio) -> [B, T] int: -1 outside vision blocks,
+    else the index of the contiguous run of image/video tokens it belongs to. Mirrors
+    `get_block_sequence_ids_for_mask`; each video frame is its own run because boi/eoi separate frames."""
+    if mm_token_type_ids is None:
+        return np.full(shape, -1, np.int64)
+    t = np.asarray(mm_token_type_ids)
+    vision = (t == 1) | (t == 2)
+    starts = vision & ~np.concatenate([np.zeros_like(vision[:, :1]), vision[:, :-1]], axis=1)
+    return np.where(vision, np.cumsum(starts, axis=1) - 1, -1)
+
+
+def layer_mask(cfg: Config, kind: str, q_idx: np.ndarray, k_idx: np.ndarray, key_ok: np.ndarray,
+               q_block: np.ndarray, k_block: np.ndarray) -> np.ndarray:
+    """q_idx [T], k_idx [S] absolute indices; key_ok [B, S] (not padding); q_block [B, T], k_block [B, S]
+    from `block_ids` -> [B, T, S] bool, True where the query may attend to the key."""
+    d = q_idx[:, None] - k_idx[None, :]  # [T, S]: how far back the key is
+    if cfg.bidirectional == "all":
+        allowed = np.ones_like(d, bool) if kind == FULL else np.abs(d) <= cfg.window
+        allowed = np.broadcast_to(allowed, (key_ok.shape[0],) + d.shape)
+    else:
+        causal = np.broadcast_to(d >= 0, (key_ok.shape[0],) + d.shape)
+        if kind == FULL:
+            allowed = causal
+        else:
+            blocks = cfg.bidirectional == "vision"
+            same = (q_block[:, :, None] == k_block[:, None, :]) & (q_block[:, :, None] >= 0) if blocks else False
+            allowed = (causal | same) & (d < cfg.window)
+    return allowed & key_ok[:, None, :]
