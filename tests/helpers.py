@@ -1,0 +1,48 @@
+"""Test support: prompt builders and synthetic media in HF's layouts."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ref.tiny import random_tensors, write_checkpoint  # noqa: F401  (re-exported for tests)
+
+
+def multimodal_prompt(cfg, rng, n_text=5, image_tokens=(), video_frames=(), audio_tokens=()):
+    """A token sequence with text, image blocks, video frames and audio, and its mm_token_type_ids.
+
+    image_tokens: soft-token count per image; video_frames: soft-token count per frame (one video);
+    audio_tokens: frame count per clip. Text ids avoid the special range.
+    """
+    def text(n):
+        return list(rng.integers(3, min(cfg.vocab_size, cfg.image_token_id) - 1, n))
+
+    ids, types = [cfg.bos_token_id] + text(n_text), [0] * (n_text + 1)
+
+    def add(seq, kind):
+        ids.extend(seq)
+        types.extend(kind)
+
+    for n in image_tokens:
+        add([cfg.boi_token_id] + [cfg.image_token_id] * n + [cfg.eoi_token_id], [0] + [1] * n + [0])
+        add(text(2), [0, 0])
+    for n in audio_tokens:
+        add([cfg.boa_token_id] + [cfg.audio_token_id] * n + [cfg.eoa_token_id], [0] + [3] * n + [0])
+        add(text(2), [0, 0])
+    for n in video_frames:
+        add(text(2), [0, 0])  # stands for the "mm:ss" timestamp
+        add([cfg.boi_token_id] + [cfg.video_token_id] * n + [cfg.eoi_token_id], [0] + [2] * n + [0])
+    add(text(n_text), [0] * n_text)
+    return np.array([ids], np.int64), np.array([types], np.int64)
+
+
+def synthetic_patches(rng, n_images, budget, grids):
+    """Random pixel patches in HF's layout: [N, budget, 6912] and (x, y) positions with -1 padding.
+    grids: (rows, cols) of real patches per image."""
+    pv = np.zeros((n_images, budget, 6912), np.float32)
+    pos = np.full((n_images, budget, 2), -1, np.int64)
+    for i, (r, c) in enumerate(grids):
+        n = r * c
+        pv[i, :n] = rng.uniform(0, 1, (n, 6912))
+        y, x = np.divmod(np.arange(n), c)
+        pos[i, :n, 0], pos[i, :n, 1] = x, y
+    return pv, pos
