@@ -50,3 +50,35 @@ def write_checkpoint(path: Path, hf_config: dict, tensors: dict, generation: dic
         (path / "generation_config.json").write_text(json.dumps(generation))
     save_file(tensors, path / "model.safetensors")
     return path
+
+
+def write_large_bf16_checkpoint(path: Path, hf_config: dict, seed: int = 0) -> Path:
+    """A checkpoint of any size, streamed tensor by tensor without holding it in memory (for memory
+    tests and benchmarks). Values are random bf16 bit patterns: weights in +-[2^-7, 2^-6) with random
+    mantissas, norm weights and layer_scalar in [1, 2)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(hf_config, indent=1))
+    shapes = expected_shapes(from_hf_dict(hf_config))
+    header, offset = {}, 0
+    for name in sorted(shapes):
+        n = int(np.prod(shapes[name]))
+        header[name] = {"dtype": "BF16", "shape": list(shapes[name]), "data_offsets": [offset, offset + 2 * n]}
+        offset += 2 * n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    rng = np.random.default_rng(seed)
+    tmp = path / "model.safetensors.tmp"
+    with open(tmp, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        for name in sorted(shapes):
+            n, done = int(np.prod(shapes[name])), 0
+            one = len(shapes[name]) == 1 or name.endswith("layer_scalar")
+            base, keep = (0x3F80, 0x007F) if one else (0x3C00, 0x807F)  # exponent of 1.0 or of 2^-7
+            while done < n:
+                m = min(n - done, 1 << 24)
+                bits = (rng.integers(0, 1 << 16, m, dtype=np.uint16) & np.uint16(keep)) | np.uint16(base)
+                f.write(bits.tobytes())
+                done += m
+    tmp.replace(path / "model.safetensors")
+    return path

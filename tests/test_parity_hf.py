@@ -211,3 +211,18 @@ def test_global_head_dim_keys_instead_of_per_layer_config(tmp_path):
     ids, types, media = _media(ref.from_hf_dict(hf_cfg), rng)
     want = hf_peer.forward(model, ids, types, **media)
     assert _rel(ref.load_model(path).forward(ids, mm_token_type_ids=types, **media), want) <= TOL
+
+
+def test_12b_parameter_count_matches_hf_module_tree():
+    """Our tensor list for the real 12B config, against HF's module tree built on the meta device."""
+    from ref.config import gemma4_12b_hf_dict
+    from ref.weights import expected_shapes
+
+    with torch.device("meta"):
+        model = hf_peer.Gemma4UnifiedForConditionalGeneration(hf_peer.Gemma4UnifiedConfig(**gemma4_12b_hf_dict()))
+    theirs = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    theirs.update({n: tuple(b.shape) for n, b in model.named_buffers() if n.endswith("layer_scalar")})
+    from ref.weights import canonical_name
+
+    theirs = {canonical_name(n): s for n, s in theirs.items() if n != "lm_head.weight"}
+    assert theirs == expected_shapes(ref.from_hf_dict(gemma4_12b_hf_dict()))
