@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .decoder import KVCache, decoder_forward, lm_head
+from .decoder import decoder_forward
 
 
 def select(logits: np.ndarray, suppress: tuple[int, ...], temperature: float, top_k: int | None,
@@ -60,13 +60,13 @@ def generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 0.
     out = []
     if cfg.bidirectional == "all":
         use_cache = False
-    cache = KVCache() if use_cache else None
+    cache = model.new_cache(B, T + max_new_tokens) if use_cache else None
 
     x = model.embed(ids, **media)
     block = model.blocks(mm_token_type_ids, ids.shape)
     for step in range(max_new_tokens):
-        h = decoder_forward(x, model.params.language_model, cfg, positions, key_ok, block, cache)
-        logits = lm_head(h[:, -1:], model.head, cfg.final_logit_softcapping)[:, 0]
+        h = decoder_forward(x, model.params.language_model, cfg, positions, key_ok, block, cache, kern=model.kernels)
+        logits = model.kernels.lm_head(h[:, -1:], model.head, cfg.final_logit_softcapping)[:, 0]
         nxt = select(logits, cfg.suppress_tokens, temperature, top_k, top_p, rng)
         nxt = np.where(done, cfg.pad_token_id, nxt)
         out.append(nxt)

@@ -11,6 +11,8 @@ in the sequence (not their RoPE position), so the same function serves prefill a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from .config import FULL, Config
@@ -45,3 +47,21 @@ def layer_mask(cfg: Config, kind: str, q_idx: np.ndarray, k_idx: np.ndarray, key
             same = (q_block[:, :, None] == k_block[:, None, :]) & (q_block[:, :, None] >= 0) if blocks else False
             allowed = (causal | same) & (d < cfg.window)
     return allowed & key_ok[:, None, :]
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """Everything that decides one layer type's mask, without materialising it: kernels that tile
+    attention compute the mask on the fly from these; `dense()` is the [B, T, S] reference."""
+
+    cfg: Config
+    kind: str
+    q_idx: np.ndarray  # [T] absolute index of each query
+    k_idx: np.ndarray  # [S] absolute index of each key
+    key_ok: np.ndarray  # [B, S] False for padding keys
+    q_block: np.ndarray  # [B, T] vision block id, -1 outside blocks
+    k_block: np.ndarray  # [B, S]
+
+    def dense(self) -> np.ndarray:
+        """-> [B, T, S] bool."""
+        return layer_mask(self.cfg, self.kind, self.q_idx, self.k_idx, self.key_ok, self.q_block, self.k_block)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import Config, load_config
-from .decoder import decoder_forward, lm_head
+from .decoder import REF, KVCache, decoder_forward
 from .embedders import embed_inputs
 from .errors import ConfigError
 from .generate import generate as _generate
@@ -21,7 +21,10 @@ from .weights import load_tensors, nest
 
 
 class Model:
-    """A loaded checkpoint. `params` mirrors the tensor names: params.language_model.layers[0].mlp.up_proj.weight."""
+    """A loaded checkpoint. `params` mirrors the tensor names: params.language_model.layers[0].mlp.up_proj.weight.
+    `kernels` are the decoder's hot loops (ref's NumPy ones here; fast/ subclasses swap them)."""
+
+    kernels = REF
 
     def __init__(self, config: Config, tensors: dict, path: str | Path | None = None):
         self.config = config
@@ -35,6 +38,10 @@ class Model:
         if self.config.tie_word_embeddings:
             return self.params.language_model.embed_tokens.weight
         return self.tensors["lm_head.weight"]
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty KV cache for `batch` sequences of up to `max_len` tokens (sizes unused here; fast/ preallocates)."""
+        return KVCache()
 
     def check_length(self, n: int) -> None:
         limit = self.config.max_position_embeddings
@@ -79,8 +86,8 @@ class Model:
         positions = np.broadcast_to(np.arange(T), (B, T)) if position_ids is None else np.asarray(position_ids)
         positions = np.broadcast_to(positions, (B, T))
         h = decoder_forward(x, self.params.language_model, self.config, positions, key_ok,
-                            self.blocks(mm_token_type_ids, (B, T)), trace=trace)
-        logits = lm_head(h, self.head, self.config.final_logit_softcapping)
+                            self.blocks(mm_token_type_ids, (B, T)), trace=trace, kern=self.kernels)
+        logits = self.kernels.lm_head(h, self.head, self.config.final_logit_softcapping)
         if trace is not None:
             trace("logits", logits)
         return logits
