@@ -25,6 +25,25 @@ from ref.config import FULL, SLIDING, tiny_hf_dict  # noqa: E402
 
 TOL = 1e-5
 
+
+def _fast_loader():
+    try:
+        import fast
+    except ImportError:
+        return None
+    return fast.load_model
+
+
+# The same parity tests run against ref and against fast (when numba is installed).
+LOADERS = {"ref": ref.load_model, "fast": _fast_loader()}
+
+
+@pytest.fixture(params=sorted(LOADERS))
+def load(request):
+    if LOADERS[request.param] is None:
+        pytest.skip("fast needs the fast extra (numba)")
+    return LOADERS[request.param]
+
 # One config per switch of Gemma4UnifiedTextConfig (seed document), each on top of the tiny preset.
 CONFIGS = {
     "default_pattern": {},
@@ -75,30 +94,30 @@ def worst():
         print(f"\nworst logits parity vs HF: {seen[name]:.2e} ({name})")
 
 
-def _pair(tmp_path, text_overrides, seed=0, dtype=torch.float32):
+def _pair(tmp_path, text_overrides, seed=0, dtype=torch.float32, load=ref.load_model):
     hf_cfg = tiny_hf_dict(**text_overrides)
     model = hf_peer.build(hf_cfg, seed)
     path = hf_peer.save(model, tmp_path / "ckpt", dtype)
     if dtype != torch.float32:
         model = hf_peer.load(path)  # HF computes in float32 from the same stored bf16 values
-    return model, ref.load_model(path)
+    return model, load(path)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_multimodal_logits_match_hf(tmp_path, name, worst):
-    hf, ours = _pair(tmp_path, CONFIGS[name], seed=len(name))
+def test_multimodal_logits_match_hf(tmp_path, name, worst, load):
+    hf, ours = _pair(tmp_path, CONFIGS[name], seed=len(name), load=load)
     rng = np.random.default_rng(1)
     ids, types, media = _media(ours.config, rng)
     want = hf_peer.forward(hf, ids, types, **media)
     got = ours.forward(ids, mm_token_type_ids=types, **media)
     assert got.shape == want.shape and got.dtype == np.float32
-    worst[name] = _rel(got, want)
-    assert worst[name] <= TOL, f"{name}: relative error {worst[name]:.2e}"
+    worst[f"{name}/{load.__module__}"] = _rel(got, want)
+    assert worst[f"{name}/{load.__module__}"] <= TOL, f"{name}: relative error {worst[name]:.2e}"
 
 
 @pytest.mark.parametrize("name", ["default_pattern", "kv_shared_double_wide_mlp", "bidirectional_all"])
-def test_text_only_left_padded_batch(tmp_path, name, worst):
-    hf, ours = _pair(tmp_path, CONFIGS[name], seed=3)
+def test_text_only_left_padded_batch(tmp_path, name, worst, load):
+    hf, ours = _pair(tmp_path, CONFIGS[name], seed=3, load=load)
     rng = np.random.default_rng(2)
     ids = rng.integers(3, 400, (3, 14))
     mask = np.ones_like(ids)
@@ -111,8 +130,8 @@ def test_text_only_left_padded_batch(tmp_path, name, worst):
     assert worst[name + "/padded"] <= TOL
 
 
-def test_bf16_checkpoint(tmp_path, worst):
-    hf, ours = _pair(tmp_path, {}, seed=5, dtype=torch.bfloat16)
+def test_bf16_checkpoint(tmp_path, worst, load):
+    hf, ours = _pair(tmp_path, {}, seed=5, dtype=torch.bfloat16, load=load)
     assert type(ours.params.language_model.embed_tokens.weight).__name__ == "Bf16"  # kept as stored
     rng = np.random.default_rng(3)
     ids, types, media = _media(ours.config, rng)
@@ -122,9 +141,9 @@ def test_bf16_checkpoint(tmp_path, worst):
     assert worst["bf16"] <= TOL
 
 
-def test_real_processor_output_through_both(tmp_path):
+def test_real_processor_output_through_both(tmp_path, load):
     """pixel_values from ref.preprocess_images (a real resize), not synthetic patches."""
-    hf, ours = _pair(tmp_path, {}, seed=6)
+    hf, ours = _pair(tmp_path, {}, seed=6, load=load)
     rng = np.random.default_rng(4)
     image = (rng.uniform(0, 255, (30, 50, 3))).astype(np.uint8)
     pv, pos, n = ref.preprocess_images([image], max_soft_tokens=70)
@@ -135,8 +154,8 @@ def test_real_processor_output_through_both(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["default_pattern", "kv_shared_double_wide_mlp", "window_3", "bidirectional_all"])
-def test_greedy_tokens_match_hf_recomputation(tmp_path, name):
-    hf, ours = _pair(tmp_path, CONFIGS[name], seed=7)
+def test_greedy_tokens_match_hf_recomputation(tmp_path, name, load):
+    hf, ours = _pair(tmp_path, CONFIGS[name], seed=7, load=load)
     rng = np.random.default_rng(5)
     ids, types, media = _media(ours.config, rng)
     want = hf_peer.greedy(hf, ids, types, 12, **media)
@@ -144,7 +163,7 @@ def test_greedy_tokens_match_hf_recomputation(tmp_path, name):
     np.testing.assert_array_equal(got, want)
 
 
-def test_greedy_honours_suppress_tokens_and_eos(tmp_path):
+def test_greedy_honours_suppress_tokens_and_eos(tmp_path, load):
     hf_cfg = tiny_hf_dict()
     model = hf_peer.build(hf_cfg, 8)
     path = hf_peer.save(model, tmp_path / "ckpt")
@@ -155,20 +174,20 @@ def test_greedy_honours_suppress_tokens_and_eos(tmp_path):
     gen = {"suppress_tokens": [int(free[0]), int(free[1])], "eos_token_id": []}
     (path / "generation_config.json").write_text(json.dumps(gen))
     want = hf_peer.greedy(model, ids, types, 6, suppress=gen["suppress_tokens"], **media)[0]
-    got = ref.load_model(path).generate(ids, mm_token_type_ids=types, max_new_tokens=6, **media)[0]
+    got = load(path).generate(ids, mm_token_type_ids=types, max_new_tokens=6, **media)[0]
     np.testing.assert_array_equal(got, want)
     assert free[0] not in got[:1] and free[1] not in got
     gen["eos_token_id"] = [int(want[2])]
     (path / "generation_config.json").write_text(json.dumps(gen))
-    stopped = ref.load_model(path).generate(ids, mm_token_type_ids=types, max_new_tokens=6, **media)[0]
+    stopped = load(path).generate(ids, mm_token_type_ids=types, max_new_tokens=6, **media)[0]
     first_eos = int(np.argmax(want == want[2]))
     np.testing.assert_array_equal(stopped, want[: first_eos + 1])
 
 
-def test_hf_plain_forward_semantics_differ(tmp_path):
+def test_hf_plain_forward_semantics_differ(tmp_path, load):
     """HF's plain forward ORs the image block onto full layers too (SPEC.md). Our logits must match the
     vision-model masks and differ from the plain ones, or the parity tests above prove nothing about masks."""
-    hf, ours = _pair(tmp_path, {}, seed=9)
+    hf, ours = _pair(tmp_path, {}, seed=9, load=load)
     rng = np.random.default_rng(7)
     ids, types, media = _media(ours.config, rng)
     got = ours.forward(ids, mm_token_type_ids=types, **media)
@@ -176,7 +195,7 @@ def test_hf_plain_forward_semantics_differ(tmp_path):
     assert _rel(got, plain) > 1e-3
 
 
-def test_sharded_checkpoint_and_module_tree_names(tmp_path):
+def test_sharded_checkpoint_and_module_tree_names(tmp_path, load):
     hf_cfg = tiny_hf_dict()
     model = hf_peer.build(hf_cfg, 10)
     sharded = hf_peer.save(model, tmp_path / "sharded", max_shard_size="200KB")
@@ -184,7 +203,7 @@ def test_sharded_checkpoint_and_module_tree_names(tmp_path):
     rng = np.random.default_rng(8)
     ids, types, media = _media(ref.from_hf_dict(hf_cfg), rng)
     want = hf_peer.forward(model, ids, types, **media)
-    assert _rel(ref.load_model(sharded).forward(ids, mm_token_type_ids=types, **media), want) <= TOL
+    assert _rel(load(sharded).forward(ids, mm_token_type_ids=types, **media), want) <= TOL
 
     # HF's in-memory module names (embed_vision.patch_ln1, ...multimodal_embedder...), tied lm_head included.
     from safetensors.torch import save_file
@@ -195,10 +214,10 @@ def test_sharded_checkpoint_and_module_tree_names(tmp_path):
     assert any(k.startswith("model.embed_vision.patch_ln1") for k in state)
     save_file(state, tree / "model.safetensors")
     (tree / "config.json").write_text((sharded / "config.json").read_text())
-    assert _rel(ref.load_model(tree).forward(ids, mm_token_type_ids=types, **media), want) <= TOL
+    assert _rel(load(tree).forward(ids, mm_token_type_ids=types, **media), want) <= TOL
 
 
-def test_global_head_dim_keys_instead_of_per_layer_config(tmp_path):
+def test_global_head_dim_keys_instead_of_per_layer_config(tmp_path, load):
     hf_cfg = tiny_hf_dict()
     model = hf_peer.build(hf_cfg, 11)
     path = hf_peer.save(model, tmp_path / "ckpt")
@@ -210,7 +229,7 @@ def test_global_head_dim_keys_instead_of_per_layer_config(tmp_path):
     rng = np.random.default_rng(9)
     ids, types, media = _media(ref.from_hf_dict(hf_cfg), rng)
     want = hf_peer.forward(model, ids, types, **media)
-    assert _rel(ref.load_model(path).forward(ids, mm_token_type_ids=types, **media), want) <= TOL
+    assert _rel(load(path).forward(ids, mm_token_type_ids=types, **media), want) <= TOL
 
 
 def test_12b_parameter_count_matches_hf_module_tree():

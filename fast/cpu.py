@@ -1,0 +1,270 @@
+"""CPU kernels (Numba): the same contracts as ref's `Kernels`, with the hot loops compiled.
+
+Weights stay as stored: a bf16 matrix is read as its uint16 bits and upcast exactly inside the kernel
+(`bits << 16` is the float32 value), so decoding streams half the bytes of a float32 model while every
+product and sum is float32. Prefill GEMMs upcast a block of weight rows into a scratch buffer and call
+BLAS, which beats a Numba GEMM at every size we measured (fast/bench.py); decode (few rows of x) uses a
+Numba GEMV that reads each weight once for all rows.
+
+Each parallel loop runs over a "program id" (an output row block, or one (batch, head, query) triple),
+the same decomposition the GPU kernels in fast/gpu.py use, so their indexing reads the same.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba as nb
+import numpy as np
+
+from ref.config import FULL, SLIDING
+from ref.decoder import KVCache, Kernels
+from ref.layers import apply_rope, softcap
+from ref.safetensors_io import Bf16, to_f32
+
+FM = {"reassoc", "contract"}  # reassociate sums (vectorised reductions), allow fused multiply-add
+ROWS = 16  # weight rows per GEMV program
+GEMV_MAX_M = 8  # up to this many rows of x a GEMV beats upcast + BLAS (measured, see fast/bench.py)
+BLAS_BLOCK = 2048  # weight rows upcast per BLAS call during prefill
+
+
+# ---- matrix products ----------------------------------------------------------------------------
+
+@nb.njit(parallel=True, fastmath=FM, cache=True)
+def _gemv_bf16(x, w, out):
+    """x [M, In] f32, w [Out, In] uint16 (bf16 bits) -> out [M, Out] f32. Program id: a block of ROWS rows."""
+    M, In = x.shape
+    Out = w.shape[0]
+    for blk in nb.prange((Out + ROWS - 1) // ROWS):
+        bits = np.empty(In, np.uint32)
+        row = bits.view(np.float32)
+        for o in range(blk * ROWS, min(Out, (blk + 1) * ROWS)):
+            for i in range(In):
+                bits[i] = np.uint32(w[o, i]) << np.uint32(16)
+            for m in range(M):
+                acc = np.float32(0.0)
+                for i in range(In):
+                    acc += x[m, i] * row[i]
+                out[m, o] = acc
+
+
+@nb.njit(parallel=True, cache=True)
+def _upcast_rows(w, lo, hi, out):
+    """w [Out, In] uint16 -> out[:hi - lo] = float32 of rows lo..hi-1."""
+    bits = out.view(np.uint32)
+    In = w.shape[1]
+    for r in nb.prange(hi - lo):
+        for i in range(In):
+            bits[r, i] = np.uint32(w[lo + r, i]) << np.uint32(16)
+
+
+def matmul(x2: np.ndarray, w) -> np.ndarray:
+    """x2 [M, In] float32, w [Out, In] (Bf16 or float array) -> [M, Out] float32."""
+    M = x2.shape[0]
+    if not isinstance(w, Bf16):
+        return x2 @ np.asarray(w, np.float32).T
+    bits = w.bits
+    Out, In = bits.shape
+    out = np.empty((M, Out), np.float32)
+    if M <= GEMV_MAX_M:
+        _gemv_bf16(np.ascontiguousarray(x2), bits, out)
+        return out
+    buf = np.empty((min(BLAS_BLOCK, Out), In), np.float32)
+    for lo in range(0, Out, BLAS_BLOCK):
+        hi = min(Out, lo + BLAS_BLOCK)
+        _upcast_rows(bits, lo, hi, buf)
+        np.matmul(x2, buf[: hi - lo].T, out=out[:, lo:hi])
+    return out
+
+
+def linear(x: np.ndarray, w, b=None) -> np.ndarray:
+    """[..., In] -> [..., Out], as ref.layers.linear."""
+    y = matmul(np.ascontiguousarray(x.reshape(-1, x.shape[-1]), np.float32), w).reshape(x.shape[:-1] + (-1,))
+    return y if b is None else y + to_f32(b)
+
+
+# ---- norms and the MLP --------------------------------------------------------------------------
+
+@nb.njit(parallel=True, fastmath=FM, cache=True)
+def _rms_norm(x, w, eps, out):
+    """x [R, N] -> out [R, N]: x * (mean(x^2) + eps)^-0.5 * w. Program id: one row."""
+    R, N = x.shape
+    for r in nb.prange(R):
+        ss = np.float32(0.0)
+        for i in range(N):
+            ss += x[r, i] * x[r, i]
+        inv = np.float32(1.0) / np.sqrt(ss / np.float32(N) + eps)
+        for i in range(N):
+            out[r, i] = x[r, i] * inv * w[i]
+
+
+_ONES: dict[int, np.ndarray] = {}
+
+
+def rms_norm(x: np.ndarray, w=None, eps: float = 1e-6) -> np.ndarray:
+    """[..., N] -> [..., N], as ref.layers.rms_norm."""
+    N = x.shape[-1]
+    wf = _ONES.setdefault(N, np.ones(N, np.float32)) if w is None else to_f32(w)
+    x2 = np.ascontiguousarray(x.reshape(-1, N), np.float32)
+    out = np.empty_like(x2)
+    _rms_norm(x2, wf, np.float32(eps), out)
+    return out.reshape(x.shape)
+
+
+@nb.njit(parallel=True, fastmath=FM, cache=True)
+def _gelu_mul(g, u):
+    """g, u [R, I] -> gelu_tanh(g) * u, in place in g."""
+    c = np.float32(math.sqrt(2.0 / math.pi))
+    R, I = g.shape
+    for r in nb.prange(R):
+        for i in range(I):
+            a = g[r, i]
+            g[r, i] = np.float32(0.5) * a * (np.float32(1.0) + np.tanh(c * (a + np.float32(0.044715) * a * a * a))) * u[r, i]
+
+
+def mlp(h: np.ndarray, p) -> np.ndarray:
+    """[B, T, D] -> [B, T, D]: down(gelu(gate h) * up h)."""
+    h2 = np.ascontiguousarray(h.reshape(-1, h.shape[-1]), np.float32)
+    g = matmul(h2, p.gate_proj.weight)
+    _gelu_mul(g, matmul(h2, p.up_proj.weight))
+    return matmul(g, p.down_proj.weight).reshape(h.shape)
+
+
+def lm_head(h: np.ndarray, table, cap: float | None) -> np.ndarray:
+    """h [B, T, D], table [V, D] -> soft-capped logits [B, T, V]."""
+    return softcap(linear(h, table), cap)
+
+
+# ---- attention ----------------------------------------------------------------------------------
+
+@nb.njit(parallel=True, fastmath=FM, cache=True)
+def _attention(q, k, v, q_idx, k_idx, key_ok, q_block, k_block, mode, window, out):
+    """Online-softmax attention with the mask computed per (query, key); no [T, S] matrix.
+
+    q [B, T, H, Dh], k/v [B, S, K, Dh], q_idx [T], k_idx [S], key_ok [B, S], q_block [B, T], k_block [B, S].
+    mode: 0 causal full, 1 causal sliding with vision blocks, 2 causal sliding without blocks,
+    3 bidirectional full, 4 bidirectional sliding (|q - k| <= window). Program id: (b, h, t).
+    A query that may see no key averages all values (masked scores are float32-min, as ref and HF).
+    """
+    B, T, H, Dh = q.shape
+    S, K = k.shape[1], k.shape[2]
+    G = H // K
+    for pid in nb.prange(B * H * T):
+        b = pid // (H * T)
+        h = (pid // T) % H
+        t = pid % T
+        kh = h // G
+        acc = np.zeros(Dh, np.float32)
+        m = np.float32(-np.inf)
+        denom = np.float32(0.0)
+        seen = 0
+        for s in range(S):
+            d = q_idx[t] - k_idx[s]
+            if mode == 0:
+                ok = d >= 0
+            elif mode == 1:
+                ok = (d >= 0 or (q_block[b, t] >= 0 and q_block[b, t] == k_block[b, s])) and d < window
+            elif mode == 2:
+                ok = d >= 0 and d < window
+            elif mode == 3:
+                ok = True
+            else:
+                ok = abs(d) <= window
+            if not (ok and key_ok[b, s]):
+                continue
+            seen += 1
+            score = np.float32(0.0)
+            for i in range(Dh):
+                score += q[b, t, h, i] * k[b, s, kh, i]
+            if score > m:
+                scale = np.exp(m - score)
+                denom *= scale
+                for i in range(Dh):
+                    acc[i] *= scale
+                m = score
+            p = np.exp(score - m)
+            denom += p
+            for i in range(Dh):
+                acc[i] += p * v[b, s, kh, i]
+        if seen == 0:
+            for s in range(S):
+                for i in range(Dh):
+                    acc[i] += v[b, s, kh, i]
+            denom = np.float32(S)
+        for i in range(Dh):
+            out[b, t, h, i] = acc[i] / denom
+
+
+def _mode(spec) -> int:
+    cfg = spec.cfg
+    if cfg.bidirectional == "all":
+        return 3 if spec.kind == FULL else 4
+    if spec.kind == FULL:
+        return 0
+    return 1 if cfg.bidirectional == "vision" else 2
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, spec) -> np.ndarray:
+    """q [B, T, H, Dh], k/v [B, S, K, Dh], MaskSpec -> [B, T, H, Dh], as ref's masked_attention."""
+    out = np.empty(q.shape, np.float32)
+    c = np.ascontiguousarray
+    _attention(c(q, np.float32), c(k, np.float32), c(v, np.float32), c(spec.q_idx, np.int64),
+               c(spec.k_idx, np.int64), c(spec.key_ok, np.bool_), c(spec.q_block, np.int64),
+               c(spec.k_block, np.int64), _mode(spec), spec.cfg.window, out)
+    return out
+
+
+KERNELS = Kernels(linear=linear, rms_norm=rms_norm, apply_rope=apply_rope, attention=attention, mlp=mlp,
+                  lm_head=lm_head)
+
+
+# ---- the KV cache -------------------------------------------------------------------------------
+
+class RingKVCache(KVCache):
+    """Preallocated cache: full layers hold [B, max_len, K, Dh], sliding layers a ring of `window` slots
+    (slot = index % window), so a decoding step writes one row and copies nothing."""
+
+    def __init__(self, batch: int, max_len: int):
+        super().__init__()
+        self.max_len = max_len
+        self.key_ok = np.zeros((batch, max_len), bool)
+        self.block = np.full((batch, max_len), -1, np.int64)
+        self._slots = {}  # layer -> [cap] absolute index held by each slot
+
+    def append_tokens(self, key_ok: np.ndarray, block: np.ndarray) -> int:
+        start, T = self.length, key_ok.shape[1]
+        if start + T > self.max_len:
+            raise ValueError(f"cache holds {self.max_len} tokens, asked for {start + T}")
+        self.key_ok[:, start:start + T] = key_ok
+        self.block[:, start:start + T] = block
+        self.length += T
+        return start
+
+    def extend(self, i, k, v, q_idx, kind, window):
+        B, T, K, Dh = k.shape
+        if i not in self.keys:
+            cap = window if kind == SLIDING else self.max_len
+            self.keys[i] = np.zeros((B, cap, K, Dh), np.float32)
+            self.values[i] = np.zeros((B, cap, K, Dh), np.float32)
+            self._slots[i] = np.full(cap, -1, np.int64)
+        keys, values, slots = self.keys[i], self.values[i], self._slots[i]
+        cap = keys.shape[1]
+        filled = slots >= 0
+        if T == 1 or not filled.any():
+            # attend over what the ring holds plus the new rows; then store the new rows
+            if T > 1:  # empty cache, long prompt: attend over the new rows directly
+                k_att, v_att, idx_att = k, v, q_idx
+            else:
+                slot = int(q_idx[0] % cap)
+                keys[:, slot], values[:, slot], slots[slot] = k[:, 0], v[:, 0], q_idx[0]
+                n = int((slots >= 0).sum())
+                return keys[:, :n], values[:, :n], slots[:n]
+        else:
+            held = np.flatnonzero(filled)
+            k_att = np.concatenate([keys[:, held], k], axis=1)
+            v_att = np.concatenate([values[:, held], v], axis=1)
+            idx_att = np.concatenate([slots[held], q_idx])
+        keep = q_idx > q_idx[-1] - cap if kind == SLIDING else np.ones(T, bool)
+        s = q_idx[keep] % cap
+        keys[:, s], values[:, s], slots[s] = k[:, keep], v[:, keep], q_idx[keep]
+        return k_att, v_att, idx_att

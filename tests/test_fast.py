@@ -1,0 +1,148 @@
+"""fast (Numba CPU) against ref: every kernel on random shapes, then whole models (hypothesis).
+
+Tolerance: 1e-5 relative to the largest magnitude, the same bound as ref against HF; kernels sum in a
+different order than BLAS, nothing else differs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("numba", reason="the fast extra (numba) is not installed")
+
+import fast  # noqa: E402
+import ref  # noqa: E402
+from fast import cpu  # noqa: E402
+from ref.config import FULL, SLIDING, from_hf_dict, tiny_hf_dict  # noqa: E402
+from ref.decoder import REF, KVCache  # noqa: E402
+from ref.masks import MaskSpec  # noqa: E402
+from ref.safetensors_io import Bf16, f32_to_bf16  # noqa: E402
+from ref.tiny import random_tensors, write_checkpoint  # noqa: E402
+
+SETTINGS = settings(deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow])
+TOL = 1e-5
+
+
+def close(a, b, tol=TOL):
+    assert a.shape == b.shape
+    err = float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+    assert err <= tol, f"relative error {err:.2e}"
+
+
+@SETTINGS
+@given(m=st.integers(1, 40), n_in=st.integers(1, 300), n_out=st.integers(1, 300), bf16=st.booleans(),
+       seed=st.integers(0, 999))
+def test_matmul_matches_ref_linear(m, n_in, n_out, bf16, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(m, n_in)).astype(np.float32)
+    w = rng.normal(size=(n_out, n_in)).astype(np.float32)
+    w = Bf16(f32_to_bf16(w)) if bf16 else w
+    close(cpu.linear(x, w), REF.linear(x, w))
+
+
+@SETTINGS
+@given(rows=st.integers(1, 30), n=st.integers(1, 200), scale=st.booleans(), seed=st.integers(0, 999))
+def test_rms_norm_matches_ref(rows, n, scale, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0, 3, (rows, n)).astype(np.float32)
+    w = rng.uniform(0.5, 1.5, n).astype(np.float32) if scale else None
+    close(cpu.rms_norm(x, w, 1e-6), REF.rms_norm(x, w, 1e-6))
+
+
+@SETTINGS
+@given(t=st.integers(1, 12), d=st.integers(1, 40), inter=st.integers(1, 70), seed=st.integers(0, 999))
+def test_mlp_matches_ref(t, d, inter, seed):
+    rng = np.random.default_rng(seed)
+    p = ref.weights.Params(gate_proj=ref.weights.Params(weight=Bf16(f32_to_bf16(rng.normal(size=(inter, d))))),
+                           up_proj=ref.weights.Params(weight=rng.normal(size=(inter, d)).astype(np.float32)),
+                           down_proj=ref.weights.Params(weight=Bf16(f32_to_bf16(rng.normal(size=(d, inter))))))
+    h = rng.normal(size=(2, t, d)).astype(np.float32)
+    close(cpu.mlp(h, p), REF.mlp(h, p))
+
+
+@SETTINGS
+@given(t=st.integers(1, 20), past=st.integers(0, 20), heads=st.sampled_from([(4, 1), (4, 2), (4, 4), (6, 3)]),
+       dh=st.sampled_from([1, 3, 8, 17]), window=st.integers(1, 12), kind=st.sampled_from([FULL, SLIDING]),
+       bidir=st.sampled_from(["vision", None, "all"]), pad=st.integers(0, 4), seed=st.integers(0, 999))
+def test_attention_matches_ref_for_every_mask(t, past, heads, dh, window, kind, bidir, pad, seed):
+    rng = np.random.default_rng(seed)
+    H, K = heads
+    S = past + t
+    cfg = from_hf_dict(tiny_hf_dict(sliding_window=window, use_bidirectional_attention=bidir))
+    q = rng.normal(size=(2, t, H, dh)).astype(np.float32)
+    k = rng.normal(size=(2, S, K, dh)).astype(np.float32)
+    v = rng.normal(size=(2, S, K, dh)).astype(np.float32)
+    key_ok = np.ones((2, S), bool)
+    key_ok[1, :pad] = False  # left padding: some query rows see nothing at all
+    block = np.full((2, S), -1)
+    block[:, S // 3: S // 3 + 4] = 0  # a vision block straddling queries and past keys
+    spec = MaskSpec(cfg, kind, np.arange(past, S), np.arange(S), key_ok, block[:, past:], block)
+    close(cpu.attention(q, k, v, spec), REF.attention(q, k, v, spec))
+
+
+def test_ring_cache_matches_list_cache():
+    rng = np.random.default_rng(0)
+    ring, plain = cpu.RingKVCache(1, 40), KVCache()
+    for step, T in enumerate([7, 1, 1, 1, 3, 1]):
+        idx = np.arange(ring.length, ring.length + T)
+        for c in (ring, plain):
+            c.append_tokens(np.ones((1, T), bool), np.full((1, T), -1))
+        k, v = rng.normal(size=(2, 1, T, 2, 4)).astype(np.float32)
+        for kind in (SLIDING, FULL):
+            i = 0 if kind == SLIDING else 1
+            got = ring.extend(i, k, v, idx, kind, 4)
+            want = plain.extend(i, k, v, idx, kind, 4)
+            # same keys, possibly in another order: compare as index -> row maps, within the window
+            for (kg, vg, ig), (kw, vw, iw) in [(got, want)]:
+                live = iw > idx[-1] - 4 if kind == SLIDING else np.ones(len(iw), bool)
+                for j in iw[live]:
+                    np.testing.assert_array_equal(kg[:, list(ig).index(j)], kw[:, list(iw).index(j)])
+                    np.testing.assert_array_equal(vg[:, list(ig).index(j)], vw[:, list(iw).index(j)])
+
+
+configs = st.fixed_dictionaries({
+    "num_hidden_layers": st.integers(2, 6), "sliding_window": st.integers(2, 9),
+    "attention_k_eq_v": st.booleans(), "num_key_value_heads": st.sampled_from([1, 2, 4]),
+    "head_dim": st.sampled_from([8, 12, 16]), "use_bidirectional_attention": st.sampled_from(["vision", None, "all"]),
+})
+
+
+@settings(deadline=None, max_examples=15, suppress_health_check=[HealthCheck.too_slow,
+                                                                   HealthCheck.function_scoped_fixture])
+@given(c=configs, bf16=st.booleans(), length=st.integers(5, 30), seed=st.integers(0, 999))
+def test_models_match_ref(tmp_path_factory, c, bf16, length, seed):
+    hf = tiny_hf_dict(**c)
+    d = write_checkpoint(tmp_path_factory.mktemp("m"), hf, random_tensors(hf, seed, "BF16" if bf16 else "F32"))
+    a, b = ref.load_model(d), fast.load_model(d)
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, 400, (2, length))
+    ids[:, 1:4] = [a.config.boi_token_id, a.config.image_token_id, a.config.eoi_token_id]
+    types = (ids == a.config.image_token_id).astype(int)
+    pv = np.zeros((2, 70, 6912), np.float32)
+    pv[:, 0] = rng.random((2, 6912))
+    pos = np.full((2, 70, 2), -1)
+    pos[:, 0] = 0
+    mask = np.ones_like(ids)
+    mask[1, :1] = 0
+    kw = dict(pixel_values=pv, image_position_ids=pos, mm_token_type_ids=types, attention_mask=mask)
+    close(b.forward(ids, **kw)[mask.astype(bool)], a.forward(ids, **kw)[mask.astype(bool)])
+    ga, gb = a.generate(ids, max_new_tokens=8, **kw), b.generate(ids, max_new_tokens=8, **kw)
+    if not np.array_equal(ga, gb):  # only a genuine near-tie may split them
+        step = int(np.argmax((ga != gb).any(axis=0)))
+        seq = np.concatenate([ids, ga[:, :step]], axis=1)
+        m2 = np.concatenate([mask, np.ones((2, step), int)], axis=1)
+        pos_ids = np.where(m2.astype(bool), np.cumsum(m2, 1) - 1, 0)
+        logits = a.forward(seq, attention_mask=m2, position_ids=pos_ids, pixel_values=pv, image_position_ids=pos,
+                           mm_token_type_ids=np.pad(types, ((0, 0), (0, step))))[:, -1]
+        top2 = np.sort(logits, axis=-1)[:, -2:]
+        assert (top2[:, 1] - top2[:, 0]).min() < 1e-4, "fast and ref disagree on a clear greedy choice"
+
+
+def test_unknown_device_is_refused(tmp_path):
+    hf = tiny_hf_dict()
+    d = write_checkpoint(tmp_path / "m", hf, random_tensors(hf))
+    with pytest.raises(ValueError, match="device 'tpu'"):
+        fast.load_model(d, device="tpu")
