@@ -268,3 +268,19 @@ class RingKVCache(KVCache):
         s = q_idx[keep] % cap
         keys[:, s], values[:, s], slots[s] = k[:, keep], v[:, keep], q_idx[keep]
         return k_att, v_att, idx_att
+
+
+# ---- a probe for the benchmark ------------------------------------------------------------------
+
+@nb.njit(parallel=True, fastmath=FM, cache=True)
+def read_all(a):
+    """Sum a float32 array with every core: a read-bandwidth probe. -> float32."""
+    n = a.shape[0]
+    chunks = 256
+    parts = np.zeros(chunks, np.float32)
+    for c in nb.prange(chunks):
+        acc = np.float32(0.0)
+        for i in range(c * n // chunks, (c + 1) * n // chunks):
+            acc += a[i]
+        parts[c] = acc
+    return parts.sum()

@@ -26,31 +26,34 @@ def position_embedding(positions: np.ndarray, table) -> np.ndarray:
     return (ex + ey).astype(np.float32)
 
 
-def vision_embed(pixel_values: np.ndarray, positions: np.ndarray, p, proj, cfg: Config, trace=None) -> np.ndarray:
+def vision_embed(pixel_values: np.ndarray, positions: np.ndarray, p, proj, cfg: Config, trace=None,
+                 prefix: str = "vision") -> np.ndarray:
     """pixel_values [N, P, 6912], positions [N, P, 2] -> [N, P, D]. p: model.vision_embedder,
-    proj: model.embed_vision. `trace(name, array)`, if given, sees every step (for golden files)."""
+    proj: model.embed_vision. `trace(name, array)`, if given, sees every step as `{prefix}.ln1` ... (golden files)."""
     eps = cfg.vision.layer_norm_eps
     emit = trace or (lambda name, a: None)
     h = layer_norm(np.asarray(pixel_values, np.float32), p.patch_ln1.weight, p.patch_ln1.bias, eps)
-    emit("vision.ln1", h)  # 1
+    emit(f"{prefix}.ln1", h)  # 1
     h = linear(h, p.patch_dense.weight, p.patch_dense.bias)
-    emit("vision.dense", h)  # 2
+    emit(f"{prefix}.dense", h)  # 2
     h = layer_norm(h, p.patch_ln2.weight, p.patch_ln2.bias, eps)
-    emit("vision.ln2", h)  # 3
+    emit(f"{prefix}.ln2", h)  # 3
     h = h + position_embedding(np.asarray(positions), p.pos_embedding)
-    emit("vision.pos_embed", h)  # 4
+    emit(f"{prefix}.pos_embed", h)  # 4
     h = layer_norm(h, p.pos_norm.weight, p.pos_norm.bias, eps)
-    emit("vision.pos_norm", h)  # 5
+    emit(f"{prefix}.pos_norm", h)  # 5
     h = rms_norm(h, None, cfg.vision.rms_norm_eps)
-    emit("vision.rms_norm", h)  # 6
+    emit(f"{prefix}.rms_norm", h)  # 6
     h = linear(h, proj.embedding_projection.weight)
-    emit("vision.projection", h)  # 7
+    emit(f"{prefix}.projection", h)  # 7
     return h
 
 
-def audio_embed(features: np.ndarray, proj, cfg: Config) -> np.ndarray:
+def audio_embed(features: np.ndarray, proj, cfg: Config, trace=None) -> np.ndarray:
     """features [N, T, 640] -> [N, T, D]. proj: model.embed_audio."""
     h = rms_norm(np.asarray(features, np.float32), None, cfg.audio.rms_norm_eps)
+    if trace is not None:
+        trace("audio.rms_norm", h)
     return linear(h, proj.embedding_projection.weight)
 
 
@@ -85,13 +88,13 @@ def embed_inputs(params, cfg: Config, input_ids: np.ndarray, pixel_values=None, 
         if positions is None:
             raise ValueError(f"{what} inputs need their position ids")
         positions = np.asarray(positions)
-        soft = vision_embed(pixels, positions, params.vision_embedder, params.embed_vision, cfg,
-                            trace if what == "image" else None)
+        soft = vision_embed(pixels, positions, params.vision_embedder, params.embed_vision, cfg, trace,
+                            prefix="vision" if what == "image" else "video")
         _scatter(x, at, soft[(positions != -1).all(-1)], what)
     if input_features is not None and input_features_mask is not None:
         if cfg.audio is None:
             raise ValueError("audio inputs given to a model without an audio embedder")
-        soft = audio_embed(input_features, params.embed_audio, cfg)
+        soft = audio_embed(input_features, params.embed_audio, cfg, trace)
         emit("audio.projection", soft)
         _scatter(x, audio_at, soft[np.asarray(input_features_mask, bool)], "audio")
     emit("inputs_embeds", x)

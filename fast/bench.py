@@ -1,0 +1,196 @@
+"""`python -m fast.bench`: prefill and decode speed of HF transformers, ref and fast on one machine, in one run.
+
+A synthetic bf16 checkpoint (~160M parameters, Gemma 4 Unified layout, real layer pattern, vocabulary
+32768) is written to a temp dir; every backend loads the same file. Prefill is the time to the first new
+token for a 512-token prompt (`generate(max_new_tokens=1)`), as tokens/s; decode is the extra time per
+token over 32 more greedy tokens, as ms/token. Each figure is the best of `--repeats` runs, after a
+warm-up run; fast's first call (Numba compilation, or loading its cache) is reported on its own line
+and never counted. The machine's limits are measured in the same run: float32 GEMM peak (the bound for
+prefill) and memory read bandwidth (decode must stream every weight once per token).
+
+For numpy's OpenBLAS to use its best kernels, run it as
+`env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python -m fast.bench` where those are set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ref.config import from_hf_dict, tiny_hf_dict
+from ref.tiny import write_large_bf16_checkpoint
+from ref.weights import expected_shapes
+
+
+def bench_config(layers: int = 8) -> dict:
+    """~160M parameters with the real model's shapes scaled down: 4:1 MLP, GQA 8/4, k_eq_v global layers."""
+    hf = tiny_hf_dict(vocab_size=32768, hidden_size=1024, intermediate_size=4096, num_hidden_layers=layers,
+                      num_attention_heads=8, num_key_value_heads=4, head_dim=128, global_head_dim=256,
+                      num_global_key_value_heads=1, sliding_window=1024, max_position_embeddings=4096,
+                      layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * (layers // 6)
+                      + ["sliding_attention"] * (layers % 6 - 1) + ["full_attention"] * (layers % 6 > 0))
+    hf["vision_config"].update(mm_embed_dim=1024, output_proj_dims=1024, mm_posemb_size=64)
+    hf.update(image_token_id=32760, audio_token_id=32761, video_token_id=32762, boi_token_id=32763,
+              eoi_token_id=32764, boa_token_id=32765, eoa_token_index=32766)
+    return hf
+
+
+def decoder_weight_counts(hf: dict) -> tuple[int, int]:
+    """(parameters in the decoder's matrices incl. the tied head, of which the head) for FLOP/byte counts."""
+    shapes = expected_shapes(from_hf_dict(hf))
+    mats = sum(int(np.prod(s)) for n, s in shapes.items() if "language_model.layers" in n and len(s) == 2)
+    head = int(np.prod(shapes["model.language_model.embed_tokens.weight"]))
+    return mats + head, head
+
+
+# ---- machine limits -----------------------------------------------------------------------------
+
+def sgemm_peak(n: int = 2048, repeats: int = 3) -> float:
+    """float32 GEMM GFLOP/s through numpy's BLAS (all cores)."""
+    a = np.random.default_rng(0).random((n, n), dtype=np.float32)
+    a @ a
+    best = min(_timed(lambda: a @ a) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
+def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 3) -> float:
+    """GB/s reading a buffer far larger than the caches, with every core (Numba) or one (numpy sum)."""
+    from fast.cpu import read_all
+
+    a = np.ones(nbytes // 4, np.float32)
+    read_all(a[:1024])
+    parallel = min(_timed(lambda: read_all(a)) for _ in range(repeats))
+    single = min(_timed(lambda: a.sum()) for _ in range(repeats))
+    return nbytes / min(parallel, single) / 1e9
+
+
+def _timed(f) -> float:
+    t = time.perf_counter()
+    f()
+    return time.perf_counter() - t
+
+
+# ---- backends -----------------------------------------------------------------------------------
+
+def run_ours(model, ids, n_decode, repeats):
+    def gen(n):
+        return model.generate(ids, max_new_tokens=n)
+
+    gen(2)  # warm-up
+    prefill = min(_timed(lambda: gen(1)) for _ in range(repeats))
+    full = min(_timed(lambda: gen(1 + n_decode)) for _ in range(repeats))
+    return prefill, (full - prefill) / n_decode
+
+
+def run_hf(path, dtype, device, ids, n_decode, repeats, attn="sdpa"):
+    import torch
+    from transformers import Gemma4UnifiedForConditionalGeneration
+
+    model = Gemma4UnifiedForConditionalGeneration.from_pretrained(
+        path, dtype=dtype, attn_implementation=attn).to(device).eval()
+    x = torch.as_tensor(ids, device=device)
+
+    def gen(n):
+        with torch.no_grad():
+            model.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    gen(2)
+    prefill = min(_timed(lambda: gen(1)) for _ in range(repeats))
+    full = min(_timed(lambda: gen(1 + n_decode)) for _ in range(repeats))
+    return prefill, (full - prefill) / n_decode
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fast.bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--decode", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--skip", default="", help="comma-separated backends to leave out (hf-f32,hf-bf16,ref,fast)")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args(argv)
+    skip = set(filter(None, args.skip.split(",")))
+
+    hf_cfg = bench_config(args.layers)
+    weights, head = decoder_weight_counts(hf_cfg)
+    rng = np.random.default_rng(0)
+    ids = np.concatenate([[2], rng.integers(3, 30000, args.prompt - 1)])[None]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_large_bf16_checkpoint(Path(tmp) / "bench", hf_cfg)
+        # an eos id that is also suppressed: every run generates exactly the tokens asked for
+        (path / "generation_config.json").write_text(
+            json.dumps({"eos_token_id": [32767], "suppress_tokens": [32767], "pad_token_id": 0}))
+        size = (path / "model.safetensors").stat().st_size
+        print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+              f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}")
+        print(f"checkpoint: {size / 1e6:.0f} MB bf16, {weights / 1e6:.0f}M parameters in matrices; "
+              f"prompt {args.prompt} tokens, {args.decode} decode tokens, best of {args.repeats}")
+        peak, bw = sgemm_peak(), read_bandwidth()
+        print(f"limits measured now: sgemm {peak:.0f} GFLOP/s, read bandwidth {bw:.1f} GB/s")
+
+        def record(name, prefill, decode, bytes_per_weight):
+            flops = 2 * (weights - head) * args.prompt + 2 * head  # the head runs on the last position only
+            rows.append({"backend": name, "prefill_tok_s": args.prompt / prefill, "decode_ms": decode * 1e3,
+                         "prefill_of_peak": flops / prefill / 1e9 / peak,
+                         "decode_of_bw": weights * bytes_per_weight / decode / 1e9 / bw})
+
+        try:
+            import torch
+
+            have_torch = True
+        except ImportError:
+            have_torch = False
+            print("HF transformers: not installed (pip install '.[interop]'); its rows are missing")
+        if have_torch:
+            if "hf-f32" not in skip:
+                record("HF transformers f32 (cpu)", *run_hf(path, torch.float32, "cpu", ids, args.decode,
+                                                            args.repeats), 4)
+            if "hf-bf16" not in skip:
+                record("HF transformers bf16 (cpu)", *run_hf(path, torch.bfloat16, "cpu", ids, args.decode,
+                                                             args.repeats), 2)
+        if "ref" not in skip:
+            import ref
+
+            record("ref (numpy)", *run_ours(ref.load_model(path), ids, args.decode, args.repeats), 2)
+        if "fast" not in skip:
+            import fast
+
+            t0 = time.perf_counter()
+            model = fast.load_model(path)
+            model.generate(ids[:, :8], max_new_tokens=2)
+            print(f"fast: first call (compile or load Numba's cache) {time.perf_counter() - t0:.1f} s, not counted")
+            record("fast (numba, cpu)", *run_ours(model, ids, args.decode, args.repeats), 2)
+        if have_torch and torch.cuda.is_available():
+            record("HF transformers bf16 (cuda, eager)",
+                   *run_hf(path, torch.bfloat16, "cuda", ids, args.decode, args.repeats, attn="eager"), 2)
+
+    hf_rows = [r for r in rows if r["backend"].startswith("HF")]
+    best_pre = max((r["prefill_tok_s"] for r in hf_rows), default=None)
+    best_dec = min((r["decode_ms"] for r in hf_rows), default=None)
+    print(f"\n{'backend':36} {'prefill tok/s':>13} {'x best HF':>9} {'of peak':>8} {'decode ms/tok':>13} "
+          f"{'x best HF':>9} {'of bw':>6}")
+    for r in rows:
+        rp = f"{r['prefill_tok_s'] / best_pre:.2f}" if best_pre else "-"
+        rd = f"{best_dec / r['decode_ms']:.2f}" if best_dec else "-"
+        print(f"{r['backend']:36} {r['prefill_tok_s']:13.0f} {rp:>9} {r['prefill_of_peak']:8.0%} "
+              f"{r['decode_ms']:13.1f} {rd:>9} {r['decode_of_bw']:6.0%}")
+    print("x best HF: speed relative to the fastest HF mode in this run (>1 is faster); of peak: prefill "
+          "FLOP/s over the sgemm peak; of bw: weight bytes per token over the read bandwidth")
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "sgemm_gflops": peak, "read_gbs": bw}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
