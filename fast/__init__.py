@@ -1,8 +1,8 @@
-"""fast: the same model as `ref` with its hot loops compiled (Numba on the CPU).
+"""fast: the same model as `ref` with its hot loops compiled: Numba on the CPU, CuPy + Numba CUDA on a GPU.
 
-`fast.load_model(path, device="cpu")` returns a model with ref's `forward` and `generate`: config,
-loader, processors, masks and sampling are ref's; only the kernels (fast/cpu.py) and the KV cache
-(preallocated, a ring buffer for sliding layers) differ. Results equal ref's to float32 rounding.
+`fast.load_model(path, device="cpu"|"gpu")` returns a model with ref's `forward` and `generate`: config,
+loader, processors, masks and sampling are ref's; only the kernels (fast/cpu.py, fast/gpu.py) and the
+KV cache differ. Results equal ref's to float32 rounding.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from ref.errors import ConfigError
 from ref.model import Model
 from ref.weights import load_tensors
 
-DEVICES = ("cpu",)
+DEVICES = ("cpu", "gpu")
 
 
 class CpuModel(Model):
@@ -31,6 +31,35 @@ class CpuModel(Model):
         return self._cache_type(batch, max_len)
 
 
+class GpuModel(Model):
+    """ref's Model with the decoder's weights on the device and GPU kernels. Embedding (a row lookup, and
+    the vision/audio embedders) stays on the host; its output moves to the device once per call."""
+
+    def __init__(self, *args, **kwargs):
+        from . import gpu
+
+        super().__init__(*args, **kwargs)
+        self._gpu = gpu
+        self.kernels = gpu.KERNELS
+        self._decoder = gpu.to_device(self.params.language_model)
+        self._head = self._decoder.embed_tokens.weight if self.config.tie_word_embeddings else \
+            gpu.to_device(self.tensors["lm_head.weight"])
+
+    @property
+    def decoder_params(self):
+        return self._decoder
+
+    @property
+    def head(self):
+        return self._head
+
+    def embed(self, *args, **kwargs):
+        return self._gpu.xp.asarray(super().embed(*args, **kwargs))
+
+    def new_cache(self, batch: int, max_len: int):
+        return self._gpu.device_cache(batch, max_len)
+
+
 def load_model(path: str | Path, device: str = "cpu") -> Model:
     """Like ref.load_model, with fast kernels on `device`."""
     if device not in DEVICES:
@@ -39,4 +68,10 @@ def load_model(path: str | Path, device: str = "cpu") -> Model:
     if not path.is_dir():
         raise ConfigError(f"{path}: not a model directory")
     cfg = load_config(path)
+    if device == "gpu":
+        try:
+            from . import gpu  # noqa: F401
+        except ImportError as e:
+            raise ValueError(f"device 'gpu' needs CuPy and a CUDA GPU (pip install '.[gpu]'): {e}") from None
+        return GpuModel(cfg, load_tensors(path, cfg), path)
     return CpuModel(cfg, load_tensors(path, cfg), path)

@@ -12,14 +12,15 @@ the same decomposition the GPU kernels in fast/gpu.py use, so their indexing rea
 
 from __future__ import annotations
 
-import math
-
 import numba as nb
 import numpy as np
+from llvmlite import ir
+from numba.core import types
+from numba.extending import intrinsic
 
 from ref.config import FULL, SLIDING
 from ref.decoder import KVCache, Kernels
-from ref.layers import apply_rope, softcap
+from ref.layers import apply_rope, gelu_tanh, softcap
 from ref.safetensors_io import Bf16, to_f32
 
 FM = {"reassoc", "contract"}  # reassociate sums (vectorised reductions), allow fused multiply-add
@@ -30,17 +31,42 @@ BLAS_BLOCK = 2048  # weight rows upcast per BLAS call during prefill
 
 # ---- matrix products ----------------------------------------------------------------------------
 
+@intrinsic
+def _bits_to_f32(typingctx, bits):
+    """Reinterpret the low 32 bits of an integer as the float32 with those bits (no conversion)."""
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        low = args[0] if bits.bitwidth == 32 else builder.trunc(args[0], ir.IntType(32))
+        return builder.bitcast(low, ir.FloatType())
+
+    return types.float32(bits), codegen
+
+
+@nb.njit(inline="always")
+def bf16(bits):
+    """One bf16 (uint16 bits) -> its exact float32 value."""
+    return _bits_to_f32(np.uint32(bits) << np.uint32(16))
+
+
 @nb.njit(parallel=True, fastmath=FM, cache=True)
 def _gemv_bf16(x, w, out):
-    """x [M, In] f32, w [Out, In] uint16 (bf16 bits) -> out [M, Out] f32. Program id: a block of ROWS rows."""
+    """x [M, In] f32, w [Out, In] uint16 (bf16 bits) -> out [M, Out] f32. Program id: a block of ROWS rows.
+    Each weight row comes from memory once; the other rows of x reuse it from cache."""
     M, In = x.shape
     Out = w.shape[0]
     for blk in nb.prange((Out + ROWS - 1) // ROWS):
-        bits = np.empty(In, np.uint32)
-        row = bits.view(np.float32)
+        row = np.empty(In, np.float32)
         for o in range(blk * ROWS, min(Out, (blk + 1) * ROWS)):
-            for i in range(In):
-                bits[i] = np.uint32(w[o, i]) << np.uint32(16)
+            if M == 1:  # upcast on the fly
+                acc = np.float32(0.0)
+                for i in range(In):
+                    acc += x[0, i] * bf16(w[o, i])
+                out[0, o] = acc
+                continue
+            for i in range(In):  # upcast once into L1, reuse for every row of x
+                row[i] = bf16(w[o, i])
             for m in range(M):
                 acc = np.float32(0.0)
                 for i in range(In):
@@ -48,14 +74,10 @@ def _gemv_bf16(x, w, out):
                 out[m, o] = acc
 
 
-@nb.njit(parallel=True, cache=True)
-def _upcast_rows(w, lo, hi, out):
-    """w [Out, In] uint16 -> out[:hi - lo] = float32 of rows lo..hi-1."""
-    bits = out.view(np.uint32)
-    In = w.shape[1]
-    for r in nb.prange(hi - lo):
-        for i in range(In):
-            bits[r, i] = np.uint32(w[lo + r, i]) << np.uint32(16)
+def _upcast_rows(w: np.ndarray, lo: int, hi: int, out: np.ndarray) -> None:
+    """w [Out, In] uint16 -> out[:hi - lo] = float32 of rows lo..hi-1 (numpy: one SIMD pass, no threads
+    that would fight BLAS's)."""
+    np.left_shift(w[lo:hi], 16, out=out[: hi - lo].view(np.uint32), dtype=np.uint32)
 
 
 def matmul(x2: np.ndarray, w) -> np.ndarray:
@@ -85,11 +107,12 @@ def linear(x: np.ndarray, w, b=None) -> np.ndarray:
 
 # ---- norms and the MLP --------------------------------------------------------------------------
 
-@nb.njit(parallel=True, fastmath=FM, cache=True)
+@nb.njit(fastmath=FM, cache=True)
 def _rms_norm(x, w, eps, out):
-    """x [R, N] -> out [R, N]: x * (mean(x^2) + eps)^-0.5 * w. Program id: one row."""
+    """x [R, N] -> out [R, N]: x * (mean(x^2) + eps)^-0.5 * w. One thread: memory-bound and short, a
+    parallel launch costs more than it saves."""
     R, N = x.shape
-    for r in nb.prange(R):
+    for r in range(R):
         ss = np.float32(0.0)
         for i in range(N):
             ss += x[r, i] * x[r, i]
@@ -111,22 +134,11 @@ def rms_norm(x: np.ndarray, w=None, eps: float = 1e-6) -> np.ndarray:
     return out.reshape(x.shape)
 
 
-@nb.njit(parallel=True, fastmath=FM, cache=True)
-def _gelu_mul(g, u):
-    """g, u [R, I] -> gelu_tanh(g) * u, in place in g."""
-    c = np.float32(math.sqrt(2.0 / math.pi))
-    R, I = g.shape
-    for r in nb.prange(R):
-        for i in range(I):
-            a = g[r, i]
-            g[r, i] = np.float32(0.5) * a * (np.float32(1.0) + np.tanh(c * (a + np.float32(0.044715) * a * a * a))) * u[r, i]
-
-
 def mlp(h: np.ndarray, p) -> np.ndarray:
     """[B, T, D] -> [B, T, D]: down(gelu(gate h) * up h)."""
     h2 = np.ascontiguousarray(h.reshape(-1, h.shape[-1]), np.float32)
-    g = matmul(h2, p.gate_proj.weight)
-    _gelu_mul(g, matmul(h2, p.up_proj.weight))
+    g = gelu_tanh(matmul(h2, p.gate_proj.weight))  # numpy's SIMD tanh is ~60x a scalar libm tanh
+    g *= matmul(h2, p.up_proj.weight)
     return matmul(g, p.down_proj.weight).reshape(h.shape)
 
 
@@ -137,62 +149,71 @@ def lm_head(h: np.ndarray, table, cap: float | None) -> np.ndarray:
 
 # ---- attention ----------------------------------------------------------------------------------
 
-@nb.njit(parallel=True, fastmath=FM, cache=True)
-def _attention(q, k, v, q_idx, k_idx, key_ok, q_block, k_block, mode, window, out):
-    """Online-softmax attention with the mask computed per (query, key); no [T, S] matrix.
-
-    q [B, T, H, Dh], k/v [B, S, K, Dh], q_idx [T], k_idx [S], key_ok [B, S], q_block [B, T], k_block [B, S].
-    mode: 0 causal full, 1 causal sliding with vision blocks, 2 causal sliding without blocks,
-    3 bidirectional full, 4 bidirectional sliding (|q - k| <= window). Program id: (b, h, t).
-    A query that may see no key averages all values (masked scores are float32-min, as ref and HF).
-    """
+@nb.njit(fastmath=FM, cache=True)
+def _attend_one(q, k, v, q_idx, k_idx, key_ok, q_block, k_block, mode, window, out, pid):
+    """One program of online-softmax attention: query pid = (b, h, t); the mask is computed per key,
+    so no [T, S] matrix exists. q [B, T, H, Dh], k/v [B, S, K, Dh], q_idx [T], k_idx [S], key_ok [B, S],
+    q_block [B, T], k_block [B, S]. mode: 0 causal full, 1 causal sliding with vision blocks, 2 causal
+    sliding, 3 bidirectional full, 4 bidirectional sliding (|q - k| <= window). A query that may see
+    no key averages all values (masked scores are float32-min in ref and HF)."""
     B, T, H, Dh = q.shape
     S, K = k.shape[1], k.shape[2]
-    G = H // K
-    for pid in nb.prange(B * H * T):
-        b = pid // (H * T)
-        h = (pid // T) % H
-        t = pid % T
-        kh = h // G
-        acc = np.zeros(Dh, np.float32)
-        m = np.float32(-np.inf)
-        denom = np.float32(0.0)
-        seen = 0
-        for s in range(S):
-            d = q_idx[t] - k_idx[s]
-            if mode == 0:
-                ok = d >= 0
-            elif mode == 1:
-                ok = (d >= 0 or (q_block[b, t] >= 0 and q_block[b, t] == k_block[b, s])) and d < window
-            elif mode == 2:
-                ok = d >= 0 and d < window
-            elif mode == 3:
-                ok = True
-            else:
-                ok = abs(d) <= window
-            if not (ok and key_ok[b, s]):
-                continue
-            seen += 1
-            score = np.float32(0.0)
-            for i in range(Dh):
-                score += q[b, t, h, i] * k[b, s, kh, i]
-            if score > m:
-                scale = np.exp(m - score)
-                denom *= scale
-                for i in range(Dh):
-                    acc[i] *= scale
-                m = score
-            p = np.exp(score - m)
-            denom += p
-            for i in range(Dh):
-                acc[i] += p * v[b, s, kh, i]
-        if seen == 0:
-            for s in range(S):
-                for i in range(Dh):
-                    acc[i] += v[b, s, kh, i]
-            denom = np.float32(S)
+    b, h, t = pid // (H * T), (pid // T) % H, pid % T
+    kh = h // (H // K)
+    acc = np.zeros(Dh, np.float32)
+    m = np.float32(-np.inf)
+    denom = np.float32(0.0)
+    seen = 0
+    for s in range(S):
+        d = q_idx[t] - k_idx[s]
+        if mode == 0:
+            ok = d >= 0
+        elif mode == 1:
+            ok = (d >= 0 or (q_block[b, t] >= 0 and q_block[b, t] == k_block[b, s])) and d < window
+        elif mode == 2:
+            ok = d >= 0 and d < window
+        elif mode == 3:
+            ok = True
+        else:
+            ok = abs(d) <= window
+        if not (ok and key_ok[b, s]):
+            continue
+        seen += 1
+        score = np.float32(0.0)
         for i in range(Dh):
-            out[b, t, h, i] = acc[i] / denom
+            score += q[b, t, h, i] * k[b, s, kh, i]
+        if score > m:
+            scale = np.exp(m - score)
+            denom *= scale
+            for i in range(Dh):
+                acc[i] *= scale
+            m = score
+        p = np.exp(score - m)
+        denom += p
+        for i in range(Dh):
+            acc[i] += p * v[b, s, kh, i]
+    if seen == 0:
+        for s in range(S):
+            for i in range(Dh):
+                acc[i] += v[b, s, kh, i]
+        denom = np.float32(S)
+    for i in range(Dh):
+        out[b, t, h, i] = acc[i] / denom
+
+
+@nb.njit(fastmath=FM, cache=True)
+def _attention_serial(q, k, v, q_idx, k_idx, key_ok, q_block, k_block, mode, window, out):
+    for pid in range(q.shape[0] * q.shape[2] * q.shape[1]):
+        _attend_one(q, k, v, q_idx, k_idx, key_ok, q_block, k_block, mode, window, out, pid)
+
+
+@nb.njit(parallel=True, fastmath=FM, cache=True)
+def _attention_parallel(q, k, v, q_idx, k_idx, key_ok, q_block, k_block, mode, window, out):
+    for pid in nb.prange(q.shape[0] * q.shape[2] * q.shape[1]):
+        _attend_one(q, k, v, q_idx, k_idx, key_ok, q_block, k_block, mode, window, out, pid)
+
+
+PARALLEL_ATTENTION_WORK = 1 << 18  # query-key pairs x head dim above which two threads pay off
 
 
 def _mode(spec) -> int:
@@ -208,7 +229,9 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, spec) -> np.ndarray:
     """q [B, T, H, Dh], k/v [B, S, K, Dh], MaskSpec -> [B, T, H, Dh], as ref's masked_attention."""
     out = np.empty(q.shape, np.float32)
     c = np.ascontiguousarray
-    _attention(c(q, np.float32), c(k, np.float32), c(v, np.float32), c(spec.q_idx, np.int64),
+    B, T, H, Dh = q.shape
+    run = _attention_parallel if B * T * H * k.shape[1] * Dh > PARALLEL_ATTENTION_WORK else _attention_serial
+    run(c(q, np.float32), c(k, np.float32), c(v, np.float32), c(spec.q_idx, np.int64),
                c(spec.k_idx, np.int64), c(spec.key_ok, np.bool_), c(spec.q_block, np.int64),
                c(spec.k_block, np.int64), _mode(spec), spec.cfg.window, out)
     return out

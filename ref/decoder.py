@@ -89,7 +89,7 @@ class KVCache:
             q_idx = np.concatenate([self.index[i], q_idx])
         keep = slice(None)
         if kind == SLIDING:  # the next query (index q_idx[-1] + 1) sees keys > q_idx[-1] + 1 - window
-            keep = q_idx > q_idx[-1] + 1 - window
+            keep = slice(int(np.searchsorted(q_idx, q_idx[-1] + 1 - window, side="right")), None)
         self.keys[i], self.values[i], self.index[i] = k[:, keep], v[:, keep], q_idx[keep]
         return k, v, q_idx
 

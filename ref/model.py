@@ -33,6 +33,11 @@ class Model:
         self.path = Path(path) if path is not None else None
 
     @property
+    def decoder_params(self):
+        """The decoder's weights (params.language_model); fast/'s GPU model keeps a device copy."""
+        return self.params.language_model
+
+    @property
     def head(self):
         """The output projection [V, D]: the embedding itself when tied."""
         if self.config.tie_word_embeddings:
@@ -85,7 +90,7 @@ class Model:
         key_ok = np.ones((B, T), bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
         positions = np.broadcast_to(np.arange(T), (B, T)) if position_ids is None else np.asarray(position_ids)
         positions = np.broadcast_to(positions, (B, T))
-        h = decoder_forward(x, self.params.language_model, self.config, positions, key_ok,
+        h = decoder_forward(x, self.decoder_params, self.config, positions, key_ok,
                             self.blocks(mm_token_type_ids, (B, T)), trace=trace, kern=self.kernels)
         logits = self.kernels.lm_head(h, self.head, self.config.final_logit_softcapping)
         if trace is not None:

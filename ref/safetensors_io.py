@@ -56,10 +56,12 @@ def f32_to_bf16(x: np.ndarray) -> np.ndarray:
 
 
 def to_f32(w) -> np.ndarray:
-    """Any stored tensor -> float32 (exact for bf16, f16 and f32)."""
+    """Any stored tensor -> float32 (exact for bf16, f16 and f32). Array methods only, so a device
+    array (CuPy) stays on its device."""
     if isinstance(w, Bf16):
         return bf16_to_f32(w.bits)
-    return np.asarray(w, dtype=np.float32)
+    w = w if hasattr(w, "dtype") else np.asarray(w)
+    return w if w.dtype == np.float32 else w.astype(np.float32)
 
 
 def read_header(path: Path) -> tuple[dict, int]:

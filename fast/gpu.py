@@ -1,0 +1,242 @@
+"""GPU kernels (CuPy arrays, Numba CUDA kernels): the contracts of ref's `Kernels` on the device.
+
+Weights live on the device as stored: bf16 as uint16 bits, upcast exactly inside the kernels. GEMMs with
+more than GEMV_MAX_M rows upcast a block of weight rows and call cuBLAS in float32 (CuPy leaves TF32 off
+unless CUPY_TF32=1, so products stay float32); decode uses a GEMV kernel that reads each weight once.
+
+Without a GPU the same module runs on NumPy arrays with Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1):
+that is how CI checks the kernels' indexing and the data flow. Only `as_f32` differs between the two,
+because the simulator has no libdevice. Program ids match fast/cpu.py: a row of the output for GEMV and
+RMSNorm, one (batch, head, query) triple for attention.
+
+Status: written and checked under the simulator; not yet run or timed on a GPU (see README).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+from numba import cuda, float32, int32, uint32
+
+from ref.config import FULL
+from ref.decoder import Kernels, KVCache
+from ref.layers import gelu_tanh
+from ref.safetensors_io import Bf16, to_f32
+
+SIMULATED = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+if SIMULATED:
+    xp = np
+else:
+    import cupy as xp
+
+THREADS = 8 if SIMULATED else 128  # threads per block (the simulator runs each as a Python thread)
+GEMV_MAX_M = 8
+UPCAST_ROWS = 4096
+
+if SIMULATED:
+    @cuda.jit(device=True)
+    def as_f32(bits):
+        return np.uint32(bits).view(np.float32)
+else:
+    @cuda.jit(device=True, inline=True)
+    def as_f32(bits):
+        return cuda.libdevice.int_as_float(int32(bits))
+
+
+@cuda.jit
+def _gemv_bf16(x, w, out):
+    """x [M, In] f32, w [Out, In] uint16, out [M, Out]. Block = one output row; threads stride over In,
+    then a shared-memory tree sum. M <= GEMV_MAX_M."""
+    o = cuda.blockIdx.x
+    tid = cuda.threadIdx.x
+    M, In = x.shape
+    part = cuda.shared.array((GEMV_MAX_M, THREADS), float32)
+    for m in range(M):
+        acc = float32(0.0)
+        for i in range(tid, In, THREADS):
+            acc += x[m, i] * as_f32(uint32(w[o, i]) << uint32(16))
+        part[m, tid] = acc
+    cuda.syncthreads()
+    step = THREADS // 2
+    while step > 0:
+        if tid < step:
+            for m in range(M):
+                part[m, tid] += part[m, tid + step]
+        cuda.syncthreads()
+        step //= 2
+    if tid == 0:
+        for m in range(M):
+            out[m, o] = part[m, 0]
+
+
+@cuda.jit
+def _rms_norm(x, w, eps, out):
+    """x [R, N] -> out [R, N] = x * (mean(x^2) + eps)^-0.5 * w. Block = one row."""
+    r = cuda.blockIdx.x
+    tid = cuda.threadIdx.x
+    N = x.shape[1]
+    part = cuda.shared.array(THREADS, float32)
+    acc = float32(0.0)
+    for i in range(tid, N, THREADS):
+        acc += x[r, i] * x[r, i]
+    part[tid] = acc
+    cuda.syncthreads()
+    step = THREADS // 2
+    while step > 0:
+        if tid < step:
+            part[tid] += part[tid + step]
+        cuda.syncthreads()
+        step //= 2
+    inv = float32(1.0) / math.sqrt(part[0] / float32(N) + eps)
+    for i in range(tid, N, THREADS):
+        out[r, i] = x[r, i] * inv * w[i]
+
+
+@cuda.jit
+def _attention(q, k, v, q_idx, k_idx, key_ok, q_block, k_block, mode, window, out):
+    """Thread = one (b, h, t) query, online softmax over every key with the mask computed per key, as
+    fast/cpu.py's _attend_one (same modes, same float32-min rule for a query that sees nothing)."""
+    B, T, H, Dh = q.shape
+    S, K = k.shape[1], k.shape[2]
+    pid = cuda.grid(1)
+    if pid >= B * H * T:
+        return
+    b, h, t = pid // (H * T), (pid // T) % H, pid % T
+    kh = h // (H // K)
+    m = float32(-math.inf)
+    denom = float32(0.0)
+    seen = 0
+    for i in range(Dh):
+        out[b, t, h, i] = 0.0
+    for s in range(S):
+        d = q_idx[t] - k_idx[s]
+        if mode == 0:
+            ok = d >= 0
+        elif mode == 1:
+            ok = (d >= 0 or (q_block[b, t] >= 0 and q_block[b, t] == k_block[b, s])) and d < window
+        elif mode == 2:
+            ok = d >= 0 and d < window
+        elif mode == 3:
+            ok = True
+        else:
+            ok = abs(d) <= window
+        if not (ok and key_ok[b, s]):
+            continue
+        seen += 1
+        score = float32(0.0)
+        for i in range(Dh):
+            score += q[b, t, h, i] * k[b, s, kh, i]
+        if score > m:
+            scale = math.exp(m - score)
+            denom *= scale
+            for i in range(Dh):
+                out[b, t, h, i] *= scale
+            m = score
+        p = math.exp(score - m)
+        denom += p
+        for i in range(Dh):
+            out[b, t, h, i] += p * v[b, s, kh, i]
+    if seen == 0:
+        for s in range(S):
+            for i in range(Dh):
+                out[b, t, h, i] += v[b, s, kh, i]
+        denom = float32(S)
+    for i in range(Dh):
+        out[b, t, h, i] /= denom
+
+
+# ---- the Kernels bundle -------------------------------------------------------------------------
+
+def _dev(a, dtype=None):
+    return xp.ascontiguousarray(xp.asarray(a, dtype=dtype))
+
+
+def matmul(x2, w):
+    """x2 [M, In] f32 (device), w [Out, In] (Bf16 or float, device) -> [M, Out] f32."""
+    M = x2.shape[0]
+    if not isinstance(w, Bf16):
+        return x2 @ w.astype(xp.float32).T
+    Out, In = w.bits.shape
+    out = xp.empty((M, Out), xp.float32)
+    if M <= GEMV_MAX_M:
+        _gemv_bf16[Out, THREADS](x2, w.bits, out)
+        return out
+    for lo in range(0, Out, UPCAST_ROWS):
+        block = (w.bits[lo:lo + UPCAST_ROWS].astype(xp.uint32) << 16).view(xp.float32)
+        out[:, lo:lo + UPCAST_ROWS] = x2 @ block.T
+    return out
+
+
+def linear(x, w, b=None):
+    y = matmul(_dev(x.reshape(-1, x.shape[-1]), xp.float32), w).reshape(x.shape[:-1] + (-1,))
+    return y if b is None else y + to_f32(b)
+
+
+def rms_norm(x, w=None, eps: float = 1e-6):
+    N = x.shape[-1]
+    x2 = _dev(x.reshape(-1, N), xp.float32)
+    wf = xp.ones(N, xp.float32) if w is None else _dev(to_f32(w))
+    out = xp.empty_like(x2)
+    _rms_norm[x2.shape[0], THREADS](x2, wf, np.float32(eps), out)
+    return out.reshape(x.shape)
+
+
+def apply_rope(x, cos, sin):
+    cos, sin = _dev(cos), _dev(sin)
+    half = x.shape[-1] // 2
+    rotated = xp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+def _mode(spec) -> int:
+    if spec.cfg.bidirectional == "all":
+        return 3 if spec.kind == FULL else 4
+    if spec.kind == FULL:
+        return 0
+    return 1 if spec.cfg.bidirectional == "vision" else 2
+
+
+def attention(q, k, v, spec):
+    out = xp.empty(q.shape, xp.float32)
+    n = q.shape[0] * q.shape[1] * q.shape[2]
+    _attention[(n + THREADS - 1) // THREADS, THREADS](
+        _dev(q), _dev(k), _dev(v), _dev(spec.q_idx, xp.int64), _dev(spec.k_idx, xp.int64),
+        _dev(spec.key_ok, xp.bool_), _dev(spec.q_block, xp.int64), _dev(spec.k_block, xp.int64),
+        _mode(spec), spec.cfg.window, out)
+    return out
+
+
+def mlp(h, p):
+    h2 = _dev(h.reshape(-1, h.shape[-1]), xp.float32)
+    g = gelu_tanh(matmul(h2, p.gate_proj.weight)) * matmul(h2, p.up_proj.weight)
+    return matmul(g, p.down_proj.weight).reshape(h.shape)
+
+
+def lm_head(h, table, cap):
+    """-> logits [B, T, V] as a host (NumPy) array: sampling runs on the host."""
+    logits = linear(h, table)
+    if cap is not None:
+        logits = np.float32(cap) * xp.tanh(logits / np.float32(cap))
+    return logits if xp is np else xp.asnumpy(logits)
+
+
+KERNELS = Kernels(linear=linear, rms_norm=rms_norm, apply_rope=apply_rope, attention=attention, mlp=mlp,
+                  lm_head=lm_head)
+
+
+def to_device(tree):
+    """A params tree (Params / lists / arrays / Bf16) -> the same tree with device arrays."""
+    if isinstance(tree, Bf16):
+        return Bf16(xp.array(tree.bits))  # an upload: a copy, also under the simulator
+    if isinstance(tree, dict):
+        return type(tree)((k, to_device(v)) for k, v in tree.items())
+    if isinstance(tree, list):
+        return [to_device(v) for v in tree]
+    return xp.array(tree, dtype=xp.float32)
+
+
+def device_cache(batch: int, max_len: int) -> KVCache:
+    """ref's cache works unchanged on device arrays (NumPy functions dispatch to CuPy)."""
+    return KVCache()

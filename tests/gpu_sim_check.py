@@ -1,0 +1,76 @@
+"""fast/gpu.py against ref, run in a subprocess with NUMBA_ENABLE_CUDASIM=1 (see test_fast_gpu.py) or on
+a real GPU. Tiny shapes: the simulator runs every CUDA thread as a Python thread. Prints one line per check."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+
+import numpy as np
+
+import fast
+import ref
+from fast import gpu
+from helpers import multimodal_prompt, synthetic_patches
+from ref.config import FULL, SLIDING, from_hf_dict, tiny_hf_dict
+from ref.decoder import REF
+from ref.masks import MaskSpec
+from ref.safetensors_io import Bf16, f32_to_bf16
+from ref.tiny import random_tensors, write_checkpoint
+
+TOL = 1e-5
+
+
+def host(a):
+    return a if gpu.xp is np else gpu.xp.asnumpy(a)
+
+
+def check(name, got, want):
+    err = float(np.abs(host(got) - want).max() / max(np.abs(want).max(), 1e-30))
+    assert err <= TOL, f"{name}: relative error {err:.2e}"
+    print(f"ok {name} {err:.1e}")
+
+
+def main() -> int:
+    rng = np.random.default_rng(0)
+    for m in (1, 3, 12):
+        x = rng.normal(size=(m, 20)).astype(np.float32)
+        w = Bf16(f32_to_bf16(rng.normal(size=(6, 20)).astype(np.float32)))
+        check(f"matmul M={m}", gpu.matmul(gpu.xp.asarray(x), gpu.to_device(w)), REF.linear(x, w))
+    x = rng.normal(0, 2, (5, 13)).astype(np.float32)
+    w = rng.uniform(0.5, 1.5, 13).astype(np.float32)
+    check("rms_norm", gpu.rms_norm(gpu.xp.asarray(x), gpu.xp.asarray(w)), REF.rms_norm(x, w))
+    check("rms_norm no scale", gpu.rms_norm(gpu.xp.asarray(x)), REF.rms_norm(x, None))
+    for bidir in ("vision", None, "all"):
+        for kind in (FULL, SLIDING):
+            cfg = from_hf_dict(tiny_hf_dict(sliding_window=3, use_bidirectional_attention=bidir))
+            t, past = 4, 3
+            q = rng.normal(size=(2, t, 4, 5)).astype(np.float32)
+            k, v = rng.normal(size=(2, 2, past + t, 2, 5)).astype(np.float32)
+            key_ok = np.ones((2, past + t), bool)
+            key_ok[1, :4] = False
+            block = np.full((2, past + t), -1)
+            block[:, 2:5] = 0
+            spec = MaskSpec(cfg, kind, np.arange(past, past + t), np.arange(past + t), key_ok, block[:, past:], block)
+            check(f"attention {bidir}/{kind}", gpu.attention(q, k, v, spec), REF.attention(q, k, v, spec))
+
+    hf = tiny_hf_dict(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, head_dim=8, global_head_dim=8, sliding_window=3)
+    hf["vision_config"].update(mm_embed_dim=8, output_proj_dims=8, mm_posemb_size=8)
+    hf.update(image_token_id=57, audio_token_id=58, video_token_id=59, boi_token_id=60, eoi_token_id=61,
+              boa_token_id=62, eoa_token_index=63)
+    with tempfile.TemporaryDirectory() as d:
+        write_checkpoint(d, hf, random_tensors(hf, 2, "BF16"))
+        a, b = ref.load_model(d), fast.load_model(d, device="gpu")
+        ids, types = multimodal_prompt(a.config, rng, n_text=2, image_tokens=[2])
+        pv, pos = synthetic_patches(rng, 1, 70, [(1, 2)])
+        kw = dict(pixel_values=pv, image_position_ids=pos, mm_token_type_ids=types)
+        check("model forward", b.forward(ids, **kw), a.forward(ids, **kw))
+        ga, gb = a.generate(ids, max_new_tokens=3, **kw), b.generate(ids, max_new_tokens=3, **kw)
+        assert np.array_equal(ga, gb), (ga, gb)
+        print("ok generate", gb.tolist())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
