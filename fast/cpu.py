@@ -18,11 +18,14 @@ from llvmlite import ir
 from numba.core import types
 from numba.extending import intrinsic
 
-from ref.config import FULL, SLIDING
+from ref.config import SLIDING
 from ref.decoder import KVCache, Kernels
 from ref.layers import apply_rope, gelu_tanh, softcap
 from ref.safetensors_io import Bf16, to_f32
 
+from .maskrule import allowed, mode_of
+
+_allowed = nb.njit(inline="always")(allowed)
 FM = {"reassoc", "contract"}  # reassociate sums (vectorised reductions), allow fused multiply-add
 ROWS = 16  # weight rows per GEMV program
 GEMV_MAX_M = 8  # up to this many rows of x a GEMV beats upcast + BLAS (measured, see fast/bench.py)
@@ -166,17 +169,7 @@ def _attend_one(q, k, v, q_idx, k_idx, key_ok, q_block, k_block, mode, window, o
     seen = 0
     for s in range(S):
         d = q_idx[t] - k_idx[s]
-        if mode == 0:
-            ok = d >= 0
-        elif mode == 1:
-            ok = (d >= 0 or (q_block[b, t] >= 0 and q_block[b, t] == k_block[b, s])) and d < window
-        elif mode == 2:
-            ok = d >= 0 and d < window
-        elif mode == 3:
-            ok = True
-        else:
-            ok = abs(d) <= window
-        if not (ok and key_ok[b, s]):
+        if not (_allowed(mode, d, q_block[b, t], k_block[b, s], window) and key_ok[b, s]):
             continue
         seen += 1
         score = np.float32(0.0)
@@ -216,15 +209,6 @@ def _attention_parallel(q, k, v, q_idx, k_idx, key_ok, q_block, k_block, mode, w
 PARALLEL_ATTENTION_WORK = 1 << 18  # query-key pairs x head dim above which two threads pay off
 
 
-def _mode(spec) -> int:
-    cfg = spec.cfg
-    if cfg.bidirectional == "all":
-        return 3 if spec.kind == FULL else 4
-    if spec.kind == FULL:
-        return 0
-    return 1 if cfg.bidirectional == "vision" else 2
-
-
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, spec) -> np.ndarray:
     """q [B, T, H, Dh], k/v [B, S, K, Dh], MaskSpec -> [B, T, H, Dh], as ref's masked_attention."""
     out = np.empty(q.shape, np.float32)
@@ -233,7 +217,7 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, spec) -> np.ndarray:
     run = _attention_parallel if B * T * H * k.shape[1] * Dh > PARALLEL_ATTENTION_WORK else _attention_serial
     run(c(q, np.float32), c(k, np.float32), c(v, np.float32), c(spec.q_idx, np.int64),
                c(spec.k_idx, np.int64), c(spec.key_ok, np.bool_), c(spec.q_block, np.int64),
-               c(spec.k_block, np.int64), _mode(spec), spec.cfg.window, out)
+               c(spec.k_block, np.int64), mode_of(spec), spec.cfg.window, out)
     return out
 
 

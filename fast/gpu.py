@@ -20,10 +20,14 @@ import os
 import numpy as np
 from numba import cuda, float32, int32, uint32
 
-from ref.config import FULL
 from ref.decoder import Kernels, KVCache
 from ref.layers import gelu_tanh
 from ref.safetensors_io import Bf16, to_f32
+
+from .maskrule import allowed, mode_of
+
+_allowed = cuda.jit(device=True)(allowed)
+
 
 SIMULATED = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 if SIMULATED:
@@ -112,17 +116,7 @@ def _attention(q, k, v, q_idx, k_idx, key_ok, q_block, k_block, mode, window, ou
         out[b, t, h, i] = 0.0
     for s in range(S):
         d = q_idx[t] - k_idx[s]
-        if mode == 0:
-            ok = d >= 0
-        elif mode == 1:
-            ok = (d >= 0 or (q_block[b, t] >= 0 and q_block[b, t] == k_block[b, s])) and d < window
-        elif mode == 2:
-            ok = d >= 0 and d < window
-        elif mode == 3:
-            ok = True
-        else:
-            ok = abs(d) <= window
-        if not (ok and key_ok[b, s]):
+        if not (_allowed(mode, d, q_block[b, t], k_block[b, s], window) and key_ok[b, s]):
             continue
         seen += 1
         score = float32(0.0)
@@ -190,21 +184,13 @@ def apply_rope(x, cos, sin):
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
-def _mode(spec) -> int:
-    if spec.cfg.bidirectional == "all":
-        return 3 if spec.kind == FULL else 4
-    if spec.kind == FULL:
-        return 0
-    return 1 if spec.cfg.bidirectional == "vision" else 2
-
-
 def attention(q, k, v, spec):
     out = xp.empty(q.shape, xp.float32)
     n = q.shape[0] * q.shape[1] * q.shape[2]
     _attention[(n + THREADS - 1) // THREADS, THREADS](
         _dev(q), _dev(k), _dev(v), _dev(spec.q_idx, xp.int64), _dev(spec.k_idx, xp.int64),
         _dev(spec.key_ok, xp.bool_), _dev(spec.q_block, xp.int64), _dev(spec.k_block, xp.int64),
-        _mode(spec), spec.cfg.window, out)
+        mode_of(spec), spec.cfg.window, out)
     return out
 
 
