@@ -20,6 +20,7 @@ from numba.extending import intrinsic
 
 from ref.config import SLIDING
 from ref.decoder import KVCache, Kernels
+from ref.masks import MaskSpec
 from ref.layers import apply_rope, gelu_tanh, softcap
 from ref.safetensors_io import Bf16, to_f32
 
@@ -29,7 +30,7 @@ _allowed = nb.njit(inline="always")(allowed)
 FM = {"reassoc", "contract"}  # reassociate sums (vectorised reductions), allow fused multiply-add
 ROWS = 16  # weight rows per GEMV program
 GEMV_MAX_M = 8  # up to this many rows of x a GEMV beats upcast + BLAS (measured, see fast/bench.py)
-BLAS_BLOCK = 2048  # weight rows upcast per BLAS call during prefill
+SCRATCH_FLOATS = 1 << 26  # upcast at most this many weights (256 MB) per BLAS call during prefill
 
 
 # ---- matrix products ----------------------------------------------------------------------------
@@ -94,12 +95,25 @@ def matmul(x2: np.ndarray, w) -> np.ndarray:
     if M <= GEMV_MAX_M:
         _gemv_bf16(np.ascontiguousarray(x2), bits, out)
         return out
-    buf = np.empty((min(BLAS_BLOCK, Out), In), np.float32)
-    for lo in range(0, Out, BLAS_BLOCK):
-        hi = min(Out, lo + BLAS_BLOCK)
+    rows = max(1, min(Out, SCRATCH_FLOATS // In))  # the whole matrix when it fits: one BLAS call
+    buf = _scratch(rows * In).reshape(rows, In)
+    for lo in range(0, Out, rows):
+        hi = min(Out, lo + rows)
         _upcast_rows(bits, lo, hi, buf)
+        if hi - lo == Out:
+            return x2 @ buf.T
         np.matmul(x2, buf[: hi - lo].T, out=out[:, lo:hi])
     return out
+
+
+_SCRATCH = [np.empty(0, np.float32)]
+
+
+def _scratch(n: int) -> np.ndarray:
+    """A float32 buffer of at least n values, reused across calls: fresh pages would cost a zeroing pass."""
+    if _SCRATCH[0].size < n:
+        _SCRATCH[0] = np.empty(n, np.float32)
+    return _SCRATCH[0][:n]
 
 
 def linear(x: np.ndarray, w, b=None) -> np.ndarray:
@@ -206,11 +220,55 @@ def _attention_parallel(q, k, v, q_idx, k_idx, key_ok, q_block, k_block, mode, w
         _attend_one(q, k, v, q_idx, k_idx, key_ok, q_block, k_block, mode, window, out, pid)
 
 
+TILED_MIN_QUERIES = 16  # from this many queries on, BLAS tiles beat the per-query kernel
 PARALLEL_ATTENTION_WORK = 1 << 18  # query-key pairs x head dim above which two threads pay off
 
 
+def tiled_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, spec, tile: int = 256) -> np.ndarray:
+    """Prefill attention in query x key tiles through BLAS, with an online softmax across key tiles:
+    memory O(tile^2), and tiles the mask hides entirely (beyond the window, in the future) are skipped.
+    q [B, T, H, Dh], k/v [B, S, K, Dh], MaskSpec -> [B, T, H, Dh]."""
+    B, T, H, Dh = q.shape
+    S, K = k.shape[1], k.shape[2]
+    G = H // K
+    out = np.empty(q.shape, np.float32)
+    for b in range(B):
+        for t0 in range(0, T, tile):
+            t1 = min(T, t0 + tile)
+            qt = q[b, t0:t1].reshape(t1 - t0, K, G, Dh).transpose(1, 0, 2, 3)  # [K, t, G, Dh]
+            m = np.full((K, t1 - t0, G, 1), -np.inf, np.float32)
+            den = np.zeros((K, t1 - t0, G, 1), np.float32)
+            acc = np.zeros((K, t1 - t0, G, Dh), np.float32)
+            for s0 in range(0, S, tile):
+                s1 = min(S, s0 + tile)
+                sub = MaskSpec(spec.cfg, spec.kind, spec.q_idx[t0:t1], spec.k_idx[s0:s1], spec.key_ok[b:b + 1, s0:s1],
+                               spec.q_block[b:b + 1, t0:t1], spec.k_block[b:b + 1, s0:s1]).dense()[0]  # [t, s]
+                if not sub.any():
+                    continue
+                kt = k[b, s0:s1].transpose(1, 2, 0)  # [K, Dh, s]
+                scores = (qt.reshape(K, -1, Dh) @ kt).reshape(K, t1 - t0, G, s1 - s0)
+                scores = np.where(sub[None, :, None, :], scores, -np.inf)
+                m_new = np.maximum(m, scores.max(axis=-1, keepdims=True))
+                safe = np.where(np.isinf(m_new), 0, m_new)  # rows that have seen nothing yet
+                p = np.exp(scores - safe)
+                scale = np.exp(m - safe)
+                den = den * scale + p.sum(axis=-1, keepdims=True)
+                vt = v[b, s0:s1].transpose(1, 0, 2)  # [K, s, Dh]
+                acc = acc * scale + (p.reshape(K, -1, s1 - s0) @ vt).reshape(acc.shape)
+                m = m_new
+            blind = den[..., 0] == 0  # no visible key: the mean of all values, as ref and HF
+            if blind.any():
+                acc[blind] = v[b].mean(axis=0)[np.nonzero(blind)[0]]
+                den[blind] = 1
+            out[b, t0:t1] = (acc / den).transpose(1, 0, 2, 3).reshape(t1 - t0, H, Dh)
+    return out
+
+
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, spec) -> np.ndarray:
-    """q [B, T, H, Dh], k/v [B, S, K, Dh], MaskSpec -> [B, T, H, Dh], as ref's masked_attention."""
+    """q [B, T, H, Dh], k/v [B, S, K, Dh], MaskSpec -> [B, T, H, Dh], as ref's masked_attention: tiled
+    through BLAS for prefill, a Numba online-softmax kernel for a few queries (decode)."""
+    if q.shape[1] > TILED_MIN_QUERIES:
+        return tiled_attention(q, k, v, spec)
     out = np.empty(q.shape, np.float32)
     c = np.ascontiguousarray
     B, T, H, Dh = q.shape
