@@ -255,7 +255,7 @@ def test_fast_backend_gives_the_same_answers(capsys):
 def test_gpu_without_cupy_is_one_line(capsys):
     pytest.importorskip("numba", reason="the fast extra is not installed")
     if importlib.util.find_spec("cupy") is not None:
-        pytest.skip("CuPy is installed")
+        pytest.skip("CuPy is installed here, so the missing-CuPy error this test expects cannot occur")
     rc, _, err = run(capsys, "--backend", "fast", "--device", "gpu")
     assert_one_error_line(rc, err, "gpu")
 
