@@ -21,7 +21,7 @@ from numba.extending import intrinsic
 from ref.config import SLIDING
 from ref.decoder import KVCache, Kernels
 from ref.masks import MaskSpec
-from ref.layers import apply_rope, gelu_tanh, softcap
+from ref.layers import apply_rope, softcap
 from ref.safetensors_io import Bf16, to_f32
 
 from .maskrule import allowed, mode_of
@@ -154,9 +154,24 @@ def rms_norm(x: np.ndarray, w=None, eps: float = 1e-6) -> np.ndarray:
 def mlp(h: np.ndarray, p) -> np.ndarray:
     """[B, T, D] -> [B, T, D]: down(gelu(gate h) * up h)."""
     h2 = np.ascontiguousarray(h.reshape(-1, h.shape[-1]), np.float32)
-    g = gelu_tanh(matmul(h2, p.gate_proj.weight))  # numpy's SIMD tanh is ~60x a scalar libm tanh
+    g = matmul(h2, p.gate_proj.weight)
+    _gelu_tanh_inplace(g)
     g *= matmul(h2, p.up_proj.weight)
     return matmul(g, p.down_proj.weight).reshape(h.shape)
+
+
+def _gelu_tanh_inplace(x: np.ndarray) -> None:
+    """x <- gelu_tanh(x) with ref.layers.gelu_tanh's operations in its order, in place: numpy's SIMD tanh
+    is ~60x a scalar libm tanh (what Numba would call), and in-place passes allocate nothing."""
+    t = np.float32(0.044715) * x
+    t *= x
+    t *= x
+    t += x
+    t *= np.float32(np.sqrt(2.0 / np.pi))
+    np.tanh(t, out=t)
+    t += np.float32(1.0)
+    x *= np.float32(0.5)
+    x *= t
 
 
 def lm_head(h: np.ndarray, table, cap: float | None) -> np.ndarray:
