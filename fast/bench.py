@@ -91,6 +91,21 @@ def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 3) -> float:
     return nbytes / min(parallel, single) / 1e9
 
 
+def gpu_read_bandwidth(nbytes: int = 1 << 31, repeats: int = 5) -> float:
+    """GB/s the GPU reads (a float32 sum over 2 GB, through torch), the bound for GPU decode."""
+    import torch
+
+    a = torch.ones(nbytes // 4, device="cuda")
+    a.sum()
+    torch.cuda.synchronize()
+
+    def run():
+        a.sum()
+        torch.cuda.synchronize()
+
+    return nbytes / min(_timed(run) for _ in range(repeats)) / 1e9
+
+
 def _timed(f) -> float:
     t = time.perf_counter()
     f()
@@ -135,7 +150,7 @@ def main(argv=None) -> int:
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--skip", default="", help="comma-separated backends to leave out (hf-f32,hf-bf16,ref,fast)")
+    ap.add_argument("--skip", default="", help="comma-separated backends to leave out (hf-f32,hf-bf16,ref,fast,fast-gpu)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
@@ -160,11 +175,13 @@ def main(argv=None) -> int:
               f"the prefill's own GEMMs alone take {bound * 1e3:.0f} ms in float32 BLAS "
               f"({2 * (weights - head) * args.prompt / bound / 1e9:.0f} GFLOP/s at these shapes)")
 
-        def record(name, prefill, decode, bytes_per_weight):
+        def record(name, prefill, decode, bytes_per_weight, gpu_bw=None):
             flops = 2 * (weights - head) * args.prompt + 2 * head  # the head runs on the last position only
+            cpu = gpu_bw is None  # GPU rows: no CPU prefill limits; decode against the GPU's read bandwidth
             rows.append({"backend": name, "prefill_tok_s": args.prompt / prefill, "decode_ms": decode * 1e3,
-                         "prefill_of_peak": flops / prefill / 1e9 / peak, "prefill_of_gemm": bound / prefill,
-                         "decode_of_bw": weights * bytes_per_weight / decode / 1e9 / bw})
+                         "prefill_of_peak": flops / prefill / 1e9 / peak if cpu else float("nan"),
+                         "prefill_of_gemm": bound / prefill if cpu else float("nan"),
+                         "decode_of_bw": weights * bytes_per_weight / decode / 1e9 / (bw if cpu else gpu_bw)})
 
         try:
             import torch
@@ -193,8 +210,18 @@ def main(argv=None) -> int:
             print(f"fast: first call (compile or load Numba's cache) {time.perf_counter() - t0:.1f} s, not counted")
             record("fast (numba, cpu)", *run_ours(model, ids, args.decode, args.repeats), 2)
         if have_torch and torch.cuda.is_available():
+            gbw = gpu_read_bandwidth()
+            print(f"GPU: {torch.cuda.get_device_name()}, read bandwidth {gbw:.0f} GB/s (GPU rows' 'of bw')")
             record("HF transformers bf16 (cuda, eager)",
-                   *run_hf(path, torch.bfloat16, "cuda", ids, args.decode, args.repeats, attn="eager"), 2)
+                   *run_hf(path, torch.bfloat16, "cuda", ids, args.decode, args.repeats, attn="eager"), 2, gbw)
+            if "fast-gpu" not in skip:
+                import fast
+
+                t0 = time.perf_counter()
+                model = fast.load_model(path, device="gpu")
+                model.generate(ids[:, :8], max_new_tokens=2)
+                print(f"fast gpu: first call (compile kernels) {time.perf_counter() - t0:.1f} s, not counted")
+                record("fast (cupy + numba-cuda, gpu)", *run_ours(model, ids, args.decode, args.repeats), 2, gbw)
 
     hf_rows = [r for r in rows if r["backend"].startswith("HF")]
     best_pre = max((r["prefill_tok_s"] for r in hf_rows), default=None)
