@@ -24,10 +24,10 @@ from ref.masks import MaskSpec
 from ref.layers import apply_rope, softcap
 from ref.safetensors_io import Bf16, to_f32
 
-from .maskrule import allowed, mode_of
+from .maskrule import attend_query, mode_of
 
-_allowed = nb.njit(inline="always")(allowed)
 FM = {"reassoc", "contract"}  # reassociate sums (vectorised reductions), allow fused multiply-add
+_attend_query = nb.njit(fastmath=FM, cache=True)(attend_query)
 ROWS = 16  # weight rows per GEMV program
 GEMV_MAX_M = 8  # up to this many rows of x a GEMV beats upcast + BLAS (measured, see fast/bench.py)
 SCRATCH_FLOATS = 1 << 26  # upcast at most this many weights (256 MB) per BLAS call during prefill
@@ -183,44 +183,11 @@ def lm_head(h: np.ndarray, table, cap: float | None) -> np.ndarray:
 
 @nb.njit(fastmath=FM, cache=True)
 def _attend_one(q, k, v, q_idx, k_idx, key_ok, q_block, k_block, mode, window, out, pid):
-    """One program of online-softmax attention: query pid = (b, h, t); the mask is computed per key,
-    so no [T, S] matrix exists. q [B, T, H, Dh], k/v [B, S, K, Dh], q_idx [T], k_idx [S], key_ok [B, S],
-    q_block [B, T], k_block [B, S]. mode: 0 causal full, 1 causal sliding with vision blocks, 2 causal
-    sliding, 3 bidirectional full, 4 bidirectional sliding (|q - k| <= window). A query that may see
-    no key averages all values (masked scores are float32-min in ref and HF)."""
-    B, T, H, Dh = q.shape
-    S, K = k.shape[1], k.shape[2]
-    b, h, t = pid // (H * T), (pid // T) % H, pid % T
-    kh = h // (H // K)
-    acc = np.zeros(Dh, np.float32)
-    m = np.float32(-np.inf)
-    denom = np.float32(0.0)
-    seen = 0
-    for s in range(S):
-        d = q_idx[t] - k_idx[s]
-        if not (_allowed(mode, d, q_block[b, t], k_block[b, s], window) and key_ok[b, s]):
-            continue
-        seen += 1
-        score = np.float32(0.0)
-        for i in range(Dh):
-            score += q[b, t, h, i] * k[b, s, kh, i]
-        if score > m:
-            scale = np.exp(m - score)
-            denom *= scale
-            for i in range(Dh):
-                acc[i] *= scale
-            m = score
-        p = np.exp(score - m)
-        denom += p
-        for i in range(Dh):
-            acc[i] += p * v[b, s, kh, i]
-    if seen == 0:
-        for s in range(S):
-            for i in range(Dh):
-                acc[i] += v[b, s, kh, i]
-        denom = np.float32(S)
-    for i in range(Dh):
-        out[b, t, h, i] = acc[i] / denom
+    """One program: query pid = (b, h, t), computed by the shared body in fast/maskrule.py."""
+    acc = np.zeros(q.shape[3], np.float32)
+    _attend_query(q, k, v, q_idx, k_idx, key_ok, q_block, k_block, mode, window, pid, acc)
+    H, T = q.shape[2], q.shape[1]
+    out[pid // (H * T), pid % T, (pid // T) % H] = acc
 
 
 @nb.njit(fastmath=FM, cache=True)

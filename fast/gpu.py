@@ -24,9 +24,9 @@ from ref.decoder import Kernels, KVCache
 from ref.layers import gelu_tanh
 from ref.safetensors_io import Bf16, to_f32
 
-from .maskrule import allowed, mode_of
+from .maskrule import attend_query, mode_of
 
-_allowed = cuda.jit(device=True)(allowed)
+_attend_query = cuda.jit(device=True)(attend_query)
 
 
 SIMULATED = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
@@ -100,45 +100,16 @@ def _rms_norm(x, w, eps, out):
 
 @cuda.jit
 def _attention(q, k, v, q_idx, k_idx, key_ok, q_block, k_block, mode, window, out):
-    """Thread = one (b, h, t) query, online softmax over every key with the mask computed per key, as
-    fast/cpu.py's _attend_one (same modes, same float32-min rule for a query that sees nothing)."""
+    """Thread = one (b, h, t) query, computed by the body fast/cpu.py compiles too (fast/maskrule.py),
+    accumulating straight into its row of out."""
     B, T, H, Dh = q.shape
-    S, K = k.shape[1], k.shape[2]
     pid = cuda.grid(1)
     if pid >= B * H * T:
         return
-    b, h, t = pid // (H * T), (pid // T) % H, pid % T
-    kh = h // (H // K)
-    m = float32(-math.inf)
-    denom = float32(0.0)
-    seen = 0
+    row = out[pid // (H * T), pid % T, (pid // T) % H]
     for i in range(Dh):
-        out[b, t, h, i] = 0.0
-    for s in range(S):
-        d = q_idx[t] - k_idx[s]
-        if not (_allowed(mode, d, q_block[b, t], k_block[b, s], window) and key_ok[b, s]):
-            continue
-        seen += 1
-        score = float32(0.0)
-        for i in range(Dh):
-            score += q[b, t, h, i] * k[b, s, kh, i]
-        if score > m:
-            scale = math.exp(m - score)
-            denom *= scale
-            for i in range(Dh):
-                out[b, t, h, i] *= scale
-            m = score
-        p = math.exp(score - m)
-        denom += p
-        for i in range(Dh):
-            out[b, t, h, i] += p * v[b, s, kh, i]
-    if seen == 0:
-        for s in range(S):
-            for i in range(Dh):
-                out[b, t, h, i] += v[b, s, kh, i]
-        denom = float32(S)
-    for i in range(Dh):
-        out[b, t, h, i] /= denom
+        row[i] = 0.0
+    _attend_query(q, k, v, q_idx, k_idx, key_ok, q_block, k_block, mode, window, pid, row)
 
 
 # ---- the Kernels bundle -------------------------------------------------------------------------

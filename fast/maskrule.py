@@ -1,7 +1,12 @@
-"""The mask rule both backends' attention kernels compile (Numba CPU and Numba CUDA): one source, so the
-CPU and GPU kernels cannot disagree about which key a query sees. Mirrors ref.masks.layer_mask."""
+"""What one attention query computes, written once in plain Python and compiled by both backends (Numba
+on the CPU in fast/cpu.py, Numba CUDA in fast/gpu.py), so the CPU and GPU kernels cannot drift apart.
+The mask rule mirrors ref.masks.layer_mask; the result mirrors ref.layers.attention."""
 
 from __future__ import annotations
+
+import math
+
+from numba import float32
 
 from ref.config import FULL
 
@@ -17,15 +22,53 @@ def mode_of(spec) -> int:
     return CAUSAL_SLIDING_BLOCKS if spec.cfg.bidirectional == "vision" else CAUSAL_SLIDING
 
 
-def allowed(mode, d, q_block, k_block, window):
-    """May a query see a key d positions back (d < 0: ahead)? q_block/k_block: vision block ids (-1: none).
-    Plain Python; compiled by each backend."""
-    if mode == 0:
-        return d >= 0
-    if mode == 1:
-        return (d >= 0 or (q_block >= 0 and q_block == k_block)) and d < window
-    if mode == 2:
-        return d >= 0 and d < window
-    if mode == 3:
-        return True
-    return abs(d) <= window
+def attend_query(q, k, v, q_idx, k_idx, key_ok, q_block, k_block, mode, window, pid, acc):
+    """Online-softmax attention of query pid = (b, h, t) over every key, the mask decided per key (no
+    [T, S] matrix); writes the result into acc [Dh] (zeroed by the caller).
+
+    q [B, T, H, Dh], k/v [B, S, K, Dh], q_idx [T], k_idx [S], key_ok [B, S], q_block [B, T], k_block [B, S].
+    mode: 0 causal full, 1 causal sliding with vision blocks, 2 causal sliding, 3 bidirectional full,
+    4 bidirectional sliding (|q - k| <= window). A query that may see no key averages all values
+    (masked scores are float32-min in ref and HF)."""
+    B, T, H, Dh = q.shape
+    S, K = k.shape[1], k.shape[2]
+    b, h, t = pid // (H * T), (pid // T) % H, pid % T
+    kh = h // (H // K)
+    m = float32(-math.inf)
+    denom = float32(0.0)
+    seen = 0
+    for s in range(S):
+        d = q_idx[t] - k_idx[s]
+        if mode == 0:
+            ok = d >= 0
+        elif mode == 1:
+            ok = (d >= 0 or (q_block[b, t] >= 0 and q_block[b, t] == k_block[b, s])) and d < window
+        elif mode == 2:
+            ok = d >= 0 and d < window
+        elif mode == 3:
+            ok = True
+        else:
+            ok = abs(d) <= window
+        if not (ok and key_ok[b, s]):
+            continue
+        seen += 1
+        score = float32(0.0)
+        for i in range(Dh):
+            score += q[b, t, h, i] * k[b, s, kh, i]
+        if score > m:
+            scale = float32(math.exp(m - score))
+            denom *= scale
+            for i in range(Dh):
+                acc[i] *= scale
+            m = score
+        p = float32(math.exp(score - m))
+        denom += p
+        for i in range(Dh):
+            acc[i] += p * v[b, s, kh, i]
+    if seen == 0:
+        for s in range(S):
+            for i in range(Dh):
+                acc[i] += v[b, s, kh, i]
+        denom = float32(S)
+    for i in range(Dh):
+        acc[i] /= denom
