@@ -2,9 +2,9 @@
 
 A synthetic bf16 checkpoint (~160M parameters, Gemma 4 Unified layout, real layer pattern, vocabulary
 32768) is written to a temp dir; every backend loads the same file. Prefill is the time to the first new
-token for a 512-token prompt (`generate(max_new_tokens=1)`), as tokens/s; decode is the extra time per
-token over 32 more greedy tokens, as ms/token. Each figure is the best of `--repeats` runs, after a
-warm-up run; fast's first call (Numba compilation, or loading its cache) is reported on its own line
+token for a 512-token prompt, as tokens/s; decode is the mean time between the following 32 greedy
+tokens, as ms/token. Both come from the arrival times of the tokens within one `generate` call. Each
+figure is the best of `--repeats` runs, after a warm-up run; fast's first call (Numba compilation, or loading its cache) is reported on its own line
 and never counted. The machine's limits are measured in the same run: float32 GEMM peak (the bound for
 prefill) and memory read bandwidth (decode must stream every weight once per token).
 
@@ -114,34 +114,65 @@ def _timed(f) -> float:
 
 # ---- backends -----------------------------------------------------------------------------------
 
-def run_ours(model, ids, n_decode, repeats):
-    def gen(n):
-        return model.generate(ids, max_new_tokens=n)
+def _best_of(once, repeats):
+    """Best prefill and best decode over `repeats` calls of `once() -> (prefill_s, decode_s_per_token)`."""
+    runs = [once() for _ in range(repeats)]
+    return min(r[0] for r in runs), min(r[1] for r in runs)
 
-    gen(2)  # warm-up
-    prefill = min(_timed(lambda: gen(1)) for _ in range(repeats))
-    full = min(_timed(lambda: gen(1 + n_decode)) for _ in range(repeats))
-    return prefill, (full - prefill) / n_decode
+
+def _split(t0: float, stamps: list[float]) -> tuple[float, float]:
+    """Token arrival times -> (time to the first token, mean gap between later tokens). Measured directly
+    per run, so noise cannot make decode negative (subtracting two separately timed runs could)."""
+    if len(stamps) < 2:
+        raise RuntimeError(f"the run produced {len(stamps)} tokens; decode needs at least 2")
+    return stamps[0] - t0, (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+
+
+def run_ours(model, ids, n_decode, repeats):
+    def once():
+        stamps: list[float] = []
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=1 + n_decode, on_token=lambda _: stamps.append(time.perf_counter()))
+        return _split(t0, stamps)
+
+    model.generate(ids, max_new_tokens=2)  # warm-up
+    return _best_of(once, repeats)
 
 
 def run_hf(path, dtype, device, ids, n_decode, repeats, attn="sdpa"):
     import torch
     from transformers import Gemma4UnifiedForConditionalGeneration
+    from transformers.generation.streamers import BaseStreamer
 
     model = Gemma4UnifiedForConditionalGeneration.from_pretrained(
         path, dtype=dtype, attn_implementation=attn).to(device).eval()
     x = torch.as_tensor(ids, device=device)
 
-    def gen(n):
-        with torch.no_grad():
-            model.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        if device == "cuda":
-            torch.cuda.synchronize()
+    class Stamps(BaseStreamer):
+        """generate() hands the streamer the prompt first, then each new token (moved to the host, so on
+        CUDA every stamp follows a synchronisation)."""
 
-    gen(2)
-    prefill = min(_timed(lambda: gen(1)) for _ in range(repeats))
-    full = min(_timed(lambda: gen(1 + n_decode)) for _ in range(repeats))
-    return prefill, (full - prefill) / n_decode
+        def __init__(self):
+            self.times: list[float] = []
+
+        def put(self, value):
+            value.cpu()
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    def once():
+        st = Stamps()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model.generate(x, max_new_tokens=1 + n_decode, min_new_tokens=1 + n_decode, do_sample=False,
+                           streamer=st)
+        return _split(t0, st.times[1:])  # times[0] is the prompt
+
+    with torch.no_grad():
+        model.generate(x, max_new_tokens=2, min_new_tokens=2, do_sample=False)  # warm-up
+    return _best_of(once, repeats)
 
 
 def main(argv=None) -> int:
