@@ -66,8 +66,9 @@ def test_mlp_matches_ref(t, d, inter, seed):
 @SETTINGS
 @given(t=st.integers(1, 20), past=st.integers(0, 20), heads=st.sampled_from([(4, 1), (4, 2), (4, 4), (6, 3)]),
        dh=st.sampled_from([1, 3, 8, 17]), window=st.integers(1, 12), kind=st.sampled_from([FULL, SLIDING]),
-       bidir=st.sampled_from(["vision", None, "all"]), pad=st.integers(0, 4), seed=st.integers(0, 999))
-def test_attention_matches_ref_for_every_mask(t, past, heads, dh, window, kind, bidir, pad, seed):
+       bidir=st.sampled_from(["vision", None, "all"]), pad=st.integers(0, 4), tile=st.integers(1, 7),
+       key_tile=st.integers(1, 9), seed=st.integers(0, 999))
+def test_attention_matches_ref_for_every_mask(t, past, heads, dh, window, kind, bidir, pad, tile, key_tile, seed):
     rng = np.random.default_rng(seed)
     H, K = heads
     S = past + t
@@ -81,6 +82,9 @@ def test_attention_matches_ref_for_every_mask(t, past, heads, dh, window, kind, 
     block[:, S // 3: S // 3 + 4] = 0  # a vision block straddling queries and past keys
     spec = MaskSpec(cfg, kind, np.arange(past, S), np.arange(S), key_ok, block[:, past:], block)
     close(cpu.attention(q, k, v, spec), REF.attention(q, k, v, spec))
+    # the prefill kernel with tiles small enough that every path runs: several query and key tiles,
+    # the online softmax across them, key tiles skipped or fully open, whole tiles that see no key
+    close(cpu.tiled_attention(q, k, v, spec, tile=tile, key_tile=key_tile), REF.attention(q, k, v, spec))
 
 
 def test_ring_cache_matches_list_cache():
