@@ -26,6 +26,7 @@ class CpuModel(Model):
         super().__init__(*args, **kwargs)
         self.kernels = cpu.KERNELS
         self._cache_type = cpu.RingKVCache
+        cpu.keep_freed_memory()
 
     def new_cache(self, batch: int, max_len: int):
         return self._cache_type(batch, max_len)

@@ -6,6 +6,8 @@ different order than BLAS, nothing else differs.
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -53,11 +55,14 @@ def test_rms_norm_matches_ref(rows, n, scale, seed):
 
 
 @SETTINGS
-@given(t=st.integers(1, 12), d=st.integers(1, 40), inter=st.integers(1, 70), seed=st.integers(0, 999))
-def test_mlp_matches_ref(t, d, inter, seed):
+@given(t=st.integers(1, 12), d=st.integers(1, 40), inter=st.integers(1, 70), up_bf16=st.booleans(),
+       seed=st.integers(0, 999))
+def test_mlp_matches_ref(t, d, inter, up_bf16, seed):
+    """GEMV (2t <= GEMV_MAX_M rows) and BLAS products, bf16 and f32 weights mixed in one MLP."""
     rng = np.random.default_rng(seed)
+    up = rng.normal(size=(inter, d)).astype(np.float32)
     p = ref.weights.Params(gate_proj=ref.weights.Params(weight=Bf16(f32_to_bf16(rng.normal(size=(inter, d))))),
-                           up_proj=ref.weights.Params(weight=rng.normal(size=(inter, d)).astype(np.float32)),
+                           up_proj=ref.weights.Params(weight=Bf16(f32_to_bf16(up)) if up_bf16 else up),
                            down_proj=ref.weights.Params(weight=Bf16(f32_to_bf16(rng.normal(size=(d, inter))))))
     h = rng.normal(size=(2, t, d)).astype(np.float32)
     close(cpu.mlp(h, p), REF.mlp(h, p))
@@ -150,3 +155,9 @@ def test_unknown_device_is_refused(tmp_path):
     d = write_checkpoint(tmp_path / "m", hf, random_tensors(hf))
     with pytest.raises(ValueError, match="device 'tpu'"):
         fast.load_model(d, device="tpu")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's (Linux)")
+def test_keep_freed_memory_applies_on_glibc():
+    """fast's CPU model asks glibc to keep freed activation blocks (no page faults per layer)."""
+    assert cpu.keep_freed_memory() is True
