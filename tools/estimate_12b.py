@@ -1,0 +1,110 @@
+"""Estimate Gemma 4 12B's speed on this CPU without its 23 GB file.
+
+Writes a checkpoint with the real model's sizes but two decoder layers (one sliding, one global) and the
+real 262144 x 3840 output table (~2.9 GB of random bf16), runs a prefill and a few decode steps through
+`ref` and `fast`, times every layer and the output head, and extrapolates to the real layer pattern
+(40 sliding + 8 global layers). The prompt carries a 280-token image block, so the sliding layers' block
+mask is exercised; the vision embedder itself (~15 GFLOP for 280 soft tokens) is not counted.
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python tools/estimate_12b.py [--prompt 300] [--decode 4]
+
+Every figure is an estimate: one layer of each kind measured, multiplied by the layer counts, with the
+weights in the page cache (the real file needs ~32 GB of RAM for that).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import ref  # noqa: E402
+from ref.config import FULL, SLIDING, from_hf_dict, gemma4_12b_hf_dict  # noqa: E402
+from ref.decoder import decoder_forward  # noqa: E402
+from ref.tiny import write_large_bf16_checkpoint  # noqa: E402
+
+
+def run_steps(model, prompt: int, decode: int) -> dict:
+    """One prefill of `prompt` tokens and `decode` single-token steps -> seconds per layer and for the
+    head: {"prefill": ([layer s...], head s), "decode": ([median layer s...], median head s)}."""
+    cfg = model.config
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, 200000, (1, prompt))
+    block = np.full((1, prompt), -1, np.int64)
+    block[0, 10:10 + min(280, prompt - 20)] = 0  # one image's soft tokens
+    cache = model.new_cache(1, prompt + decode)
+
+    def step(x, positions, key_ok, blk):
+        stamps = [time.perf_counter()]
+
+        def trace(name, _):
+            if name.startswith("layers."):
+                stamps.append(time.perf_counter())
+
+        h = decoder_forward(x, model.decoder_params, cfg, positions, key_ok, blk, cache, trace=trace,
+                            kern=model.kernels)
+        t = time.perf_counter()
+        logits = model.kernels.lm_head(h[:, -1:], model.head, cfg.final_logit_softcapping)
+        return np.diff(stamps), time.perf_counter() - t, int(logits[0, -1].argmax())
+
+    layers, head, nxt = step(model.embed(ids), np.arange(prompt)[None], np.ones((1, prompt), bool), block)
+    out = {"prefill": (layers, head)}
+    per_layer, heads = [], []
+    for i in range(decode):
+        layers, h, nxt = step(model.embed(np.array([[nxt]])), np.array([[prompt + i]]), np.ones((1, 1), bool),
+                              np.full((1, 1), -1, np.int64))
+        per_layer.append(layers)
+        heads.append(h)
+    out["decode"] = (np.median(per_layer, axis=0), float(np.median(heads)))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prompt", type=int, default=300)
+    ap.add_argument("--decode", type=int, default=4)
+    args = ap.parse_args(argv)
+
+    real = from_hf_dict(gemma4_12b_hf_dict())
+    counts = {kind: sum(s.kind == kind for s in real.layers) for kind in (SLIDING, FULL)}
+    hf = gemma4_12b_hf_dict()
+    hf["text_config"].update(num_hidden_layers=2, layer_types=[SLIDING, FULL])
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+          f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}")
+    print(f"Gemma 4 12B: {counts[SLIDING]} sliding + {counts[FULL]} global layers; measured: one of each "
+          f"+ the output head; prompt {args.prompt} tokens (280 in an image block), {args.decode} decode steps")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_large_bf16_checkpoint(Path(tmp) / "two_layers", hf)
+        print(f"checkpoint: {(path / 'model.safetensors').stat().st_size / 1e9:.1f} GB bf16 (two layers + head)")
+        backends = [("--backend numpy", ref.load_model)]
+        try:
+            import fast
+
+            backends.append(("--backend fast", fast.load_model))
+        except ImportError:
+            print("fast: not installed (pip install '.[fast]')")
+        print(f"\n{'':16} {'sliding ms':>11} {'global ms':>10} {'head ms':>8} {'48 layers + head':>17}")
+        for name, load in backends:
+            model = load(path)
+            run_steps(model, 32, 2)  # map the weights in, and compile (or load Numba's cache) for fast
+            r = run_steps(model, args.prompt, args.decode)
+            for phase in ("prefill", "decode"):
+                (sliding, full), head = r[phase]
+                total = counts[SLIDING] * sliding + counts[FULL] * full + head
+                rate = (f"{total:6.1f} s = {args.prompt / total:.1f} tok/s" if phase == "prefill"
+                        else f"{total:6.2f} s/token")
+                print(f"{name + ' ' + phase:24} {sliding * 1e3:6.0f} {full * 1e3:10.0f} {head * 1e3:8.0f}   {rate}")
+            del model
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
