@@ -23,3 +23,24 @@ def test_bench_runs_and_reports_every_backend(tmp_path, capsys):
     assert names <= set(rows)
     assert all(r["prefill_tok_s"] > 0 and r["decode_ms"] > 0 for r in rows.values())
     assert "x best HF" in capsys.readouterr().out
+
+
+def test_estimate_12b_times_every_layer_and_the_head(tmp_path):
+    """tools/estimate_12b.py's measuring step on a tiny checkpoint (the tool itself writes 3 GB)."""
+    import importlib.util as iu
+    from pathlib import Path
+
+    import ref
+    from ref.config import tiny_hf_dict
+    from ref.tiny import random_tensors, write_checkpoint
+
+    spec = iu.spec_from_file_location("estimate_12b", Path(__file__).parents[1] / "tools" / "estimate_12b.py")
+    tool = iu.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    hf = tiny_hf_dict()
+    path = write_checkpoint(tmp_path / "ckpt", hf, random_tensors(hf))
+    model = ref.load_model(path)
+    r = tool.run_steps(model, prompt=40, decode=3)
+    for phase in ("prefill", "decode"):
+        per_layer, head = r[phase]
+        assert len(per_layer) == len(model.config.layers) and all(t > 0 for t in per_layer) and head > 0

@@ -37,7 +37,7 @@ def run_steps(model, prompt: int, decode: int) -> dict:
     head: {"prefill": ([layer s...], head s), "decode": ([median layer s...], median head s)}."""
     cfg = model.config
     rng = np.random.default_rng(0)
-    ids = rng.integers(3, 200000, (1, prompt))
+    ids = rng.integers(3, cfg.vocab_size, (1, prompt))
     block = np.full((1, prompt), -1, np.int64)
     block[0, 10:10 + min(280, prompt - 20)] = 0  # one image's soft tokens
     cache = model.new_cache(1, prompt + decode)
