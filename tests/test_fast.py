@@ -92,6 +92,24 @@ def test_attention_matches_ref_for_every_mask(t, past, heads, dh, window, kind, 
     close(cpu.tiled_attention(q, k, v, spec, tile=tile, key_tile=key_tile), REF.attention(q, k, v, spec))
 
 
+@pytest.mark.parametrize("kind", [FULL, SLIDING])
+def test_tiled_attention_default_tiles_across_the_window(kind):
+    """The prefill kernel at its real tile sizes: 700 queries (6 query tiles, 2 key tiles), a window of
+    200 (tiles partly and wholly outside it), an image block straddling tile edges, left padding."""
+    rng = np.random.default_rng(1)
+    cfg = from_hf_dict(tiny_hf_dict(sliding_window=200))
+    B, T, H, K, Dh = 2, 700, 4, 2, 16
+    q = rng.normal(size=(B, T, H, Dh)).astype(np.float32)
+    k = rng.normal(size=(B, T, K, Dh)).astype(np.float32)
+    v = rng.normal(size=(B, T, K, Dh)).astype(np.float32)
+    key_ok = np.ones((B, T), bool)
+    key_ok[1, :150] = False
+    block = np.full((B, T), -1)
+    block[:, 100:400] = 0
+    spec = MaskSpec(cfg, kind, np.arange(T), np.arange(T), key_ok, block, block)
+    close(cpu.tiled_attention(q, k, v, spec), REF.attention(q, k, v, spec))
+
+
 def test_ring_cache_matches_list_cache():
     rng = np.random.default_rng(0)
     ring, plain = cpu.RingKVCache(1, 40), KVCache()
