@@ -7,7 +7,10 @@ KV cache differ. Results equal ref's to float32 rounding.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+
+import numpy as np
 
 from ref.config import load_config
 from ref.errors import ConfigError
@@ -24,12 +27,19 @@ class CpuModel(Model):
         from . import cpu  # compiles (or loads cached) kernels on first use
 
         super().__init__(*args, **kwargs)
+        self._cpu = cpu
         self.kernels = cpu.KERNELS
         self._cache_type = cpu.RingKVCache
         cpu.keep_freed_memory()
 
     def new_cache(self, batch: int, max_len: int):
         return self._cache_type(batch, max_len)
+
+    def compile(self) -> float:
+        """Compile (or load from Numba's cache) every kernel now -> seconds it took."""
+        t0 = time.perf_counter()
+        self._cpu.compile_kernels()
+        return time.perf_counter() - t0
 
 
 class GpuModel(Model):
@@ -59,6 +69,14 @@ class GpuModel(Model):
 
     def new_cache(self, batch: int, max_len: int):
         return self._gpu.device_cache(batch, max_len)
+
+    def compile(self) -> float:
+        """Compile every GPU kernel now, by generating two tokens after a 17-token prompt (more rows than
+        gpu.GEMV_MAX_M: the prefill and the decode paths; on a GPU this costs milliseconds beyond the
+        compiling) -> seconds it took."""
+        t0 = time.perf_counter()
+        self.generate(np.full((1, 17), self.config.bos_token_id, np.int64), max_new_tokens=2)
+        return time.perf_counter() - t0
 
 
 def load_model(path: str | Path, device: str = "cpu") -> Model:

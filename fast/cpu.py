@@ -355,6 +355,23 @@ class RingKVCache(KVCache):
         return k_att, v_att, idx_att
 
 
+# ---- compiling ahead of the first call ----------------------------------------------------------
+
+def compile_kernels() -> None:
+    """Compile every kernel (or load it from Numba's on-disk cache) by calling each once on tiny arrays
+    of the types the model passes, so that the first real call measures the model, not the compiler."""
+    f32, u16 = np.ones((2, 4), np.float32), np.full((3, 4), 0x3F80, np.uint16)
+    u16.flags.writeable = False  # checkpoint weights are read-only memory maps: a type of their own to Numba
+    _gemv_bf16(f32, u16, np.empty((2, 3), np.float32))
+    _upcast_rows(u16, 0, 3, np.empty((3, 4), np.float32))
+    _rms_norm(f32, np.ones(4, np.float32), np.float32(1e-6), np.empty_like(f32))
+    q, kv = np.ones((1, 1, 2, 4), np.float32), np.ones((1, 3, 1, 4), np.float32)
+    args = (q, kv, kv, np.zeros(1, np.int64), np.arange(3, dtype=np.int64), np.ones((1, 3), np.bool_),
+            np.full((1, 1), -1, np.int64), np.full((1, 3), -1, np.int64), 0, 8, np.empty_like(q))
+    _attention_serial(*args)
+    _attention_parallel(*args)
+
+
 # ---- a probe for the benchmark ------------------------------------------------------------------
 
 @nb.njit(parallel=True, fastmath=FM, cache=True)

@@ -179,3 +179,28 @@ def test_unknown_device_is_refused(tmp_path):
 def test_keep_freed_memory_applies_on_glibc():
     """fast's CPU model asks glibc to keep freed activation blocks (no page faults per layer)."""
     assert cpu.keep_freed_memory() is True
+
+
+def test_compile_kernels_leaves_nothing_to_compile_for_a_bf16_model(tmp_path):
+    """After `compile_kernels()`, prefill and decode of a bf16 checkpoint add no Numba specialisation
+    (so `python -m ref.run --backend fast` times the model, not the compiler). A fresh process: in this
+    one, earlier tests have compiled specialisations already."""
+    import ast
+    import subprocess
+
+    hf = tiny_hf_dict()
+    path = write_checkpoint(tmp_path / "ckpt", hf, random_tensors(hf, dtype="BF16"))
+    script = f"""
+import numpy as np, fast
+from fast import cpu
+model = fast.load_model({str(path)!r})
+model.compile()
+names = ["_gemv_bf16", "_upcast_rows", "_rms_norm", "_attention_serial", "_attention_parallel"]
+before = {{n: set(getattr(cpu, n).signatures) for n in names}}
+model.generate(np.arange(3, 43)[None], max_new_tokens=3)
+print({{n: len(set(getattr(cpu, n).signatures) - before[n]) for n in names}})
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    added = ast.literal_eval(out.stdout.strip().splitlines()[-1])
+    assert added and not any(added.values()), f"compiled on first use: {added}"
