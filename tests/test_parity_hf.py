@@ -153,6 +153,24 @@ def test_real_processor_output_through_both(tmp_path, load):
     assert _rel(got, want) <= TOL
 
 
+def test_long_prompt_across_tiles_and_window(tmp_path, worst, load):
+    """~370 tokens, two 70-token images, a 40-token window: fast's prefill attention runs several
+    128-query tiles, skips key tiles wholly outside the window and opens image blocks that cross tile
+    edges; then greedy decoding fills and wraps the sliding layers' ring cache."""
+    hf, ours = _pair(tmp_path, {"sliding_window": 40}, seed=11, load=load)
+    rng = np.random.default_rng(3)
+    pv, pos = synthetic_patches(rng, 2, 70, [(7, 10), (10, 7)])
+    ids, types = multimodal_prompt(ours.config, rng, n_text=200, image_tokens=[70, 70])
+    media = dict(pixel_values=pv, image_position_ids=pos)
+    assert ids.shape[1] > 300
+    want = hf_peer.forward(hf, ids, types, **media)
+    got = ours.forward(ids, mm_token_type_ids=types, **media)
+    worst[f"long_prompt/{load.__module__}"] = _rel(got, want)
+    assert worst[f"long_prompt/{load.__module__}"] <= TOL
+    np.testing.assert_array_equal(ours.generate(ids, mm_token_type_ids=types, max_new_tokens=6, **media),
+                                  hf_peer.greedy(hf, ids, types, 6, **media))
+
+
 @pytest.mark.parametrize("name", ["default_pattern", "kv_shared_double_wide_mlp", "window_3", "bidirectional_all"])
 def test_greedy_tokens_match_hf_recomputation(tmp_path, name, load):
     hf, ours = _pair(tmp_path, CONFIGS[name], seed=7, load=load)
