@@ -71,11 +71,11 @@ class GpuModel(Model):
         return self._gpu.device_cache(batch, max_len)
 
     def compile(self) -> float:
-        """Compile every GPU kernel now, by generating two tokens after a 17-token prompt (more rows than
-        gpu.GEMV_MAX_M: the prefill and the decode paths; on a GPU this costs milliseconds beyond the
-        compiling) -> seconds it took."""
+        """Compile every GPU kernel now, by generating two tokens after a prompt one token longer than
+        gpu.GEMV_MAX_M (so both the prefill GEMM and the decode GEMV paths run; on a GPU this costs
+        milliseconds beyond the compiling) -> seconds it took."""
         t0 = time.perf_counter()
-        self.generate(np.full((1, 17), self.config.bos_token_id, np.int64), max_new_tokens=2)
+        self.generate(np.full((1, self._gpu.GEMV_MAX_M + 1), self.config.bos_token_id, np.int64), max_new_tokens=2)
         return time.perf_counter() - t0
 
 

@@ -62,6 +62,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as d:
         write_checkpoint(d, hf, random_tensors(hf, 2, "BF16"))
         a, b = ref.load_model(d), fast.load_model(d, device="gpu")
+        print(f"ok compile {b.compile():.1f} s")  # what ref.run --device gpu calls before the first question
         ids, types = multimodal_prompt(a.config, rng, n_text=2, image_tokens=[2])
         pv, pos = synthetic_patches(rng, 1, 70, [(1, 2)])
         kw = dict(pixel_values=pv, image_position_ids=pos, mm_token_type_ids=types)
