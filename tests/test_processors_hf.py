@@ -109,41 +109,32 @@ def test_fixtures_present_and_cover_all_budgets():
     assert budgets == set(BUDGETS)
 
 
+def _check_batch(what, pixel_values, position_ids, budget, fx, label):
+    """Our [N, budget, 6912] pixels and [N, budget, 2] positions against a fixture whose rows are HF's
+    valid patches concatenated (`num_soft_tokens` per image or frame); label(i) names item i."""
+    pixel_values, position_ids = np.asarray(pixel_values), np.asarray(position_ids)
+    want_n = fx["num_soft_tokens"].astype(np.int64)
+    assert pixel_values.dtype == np.float32, pixel_values.dtype
+    assert position_ids.dtype == np.int64, position_ids.dtype
+    assert pixel_values.shape == (len(want_n), budget, PATCH_DIM)
+    assert position_ids.shape == (len(want_n), budget, 2)
+    offsets = np.concatenate([[0], np.cumsum(want_n)])
+    assert offsets[-1] == fx["pixels"].shape[0]
+    for i in range(len(want_n)):
+        _check_rows(f"{what}[{label(i)}]", pixel_values[i], position_ids[i], int(want_n[i]),
+                    fx["position_ids"][i], fx["pixels"][offsets[i]:offsets[i + 1]])
+
+
 @pytest.mark.parametrize("path", IMAGE_FIXTURES, ids=_case_id)
 def test_preprocess_images_matches_hf(path: Path):
     fx = _load(path)
     assert str(fx["kind"]) == "image"
     budget = int(fx["budget"])
-    n_images = int(fx["n_images"])
-    want_n = fx["num_soft_tokens"].astype(np.int64)
-    want_pos = fx["position_ids"]
-    want_pix = fx["pixels"]
-
-    pixel_values, position_ids, num_soft_tokens = ref.preprocess_images(
-        _image_inputs(fx), max_soft_tokens=budget
-    )
-    pixel_values = np.asarray(pixel_values)
-    position_ids = np.asarray(position_ids)
-
-    assert pixel_values.dtype == np.float32, pixel_values.dtype
-    assert position_ids.dtype == np.int64, position_ids.dtype
-    assert pixel_values.shape == (n_images, budget, PATCH_DIM)
-    assert position_ids.shape == (n_images, budget, 2)
+    pixel_values, position_ids, num_soft_tokens = ref.preprocess_images(_image_inputs(fx), max_soft_tokens=budget)
+    assert len(fx["num_soft_tokens"]) == int(fx["n_images"])
     got_n = np.asarray(num_soft_tokens).reshape(-1).astype(np.int64)
-    assert got_n.tolist() == want_n.tolist(), "num_soft_tokens differ from HF"
-
-    offsets = np.concatenate([[0], np.cumsum(want_n)])
-    assert offsets[-1] == want_pix.shape[0]
-    for i in range(n_images):
-        n = int(want_n[i])
-        _check_rows(
-            f"{path.stem}[{i}]",
-            pixel_values[i],
-            position_ids[i],
-            n,
-            want_pos[i],
-            want_pix[offsets[i] : offsets[i + 1]],
-        )
+    assert got_n.tolist() == fx["num_soft_tokens"].astype(np.int64).tolist(), "num_soft_tokens differ from HF"
+    _check_batch(path.stem, pixel_values, position_ids, budget, fx, str)
 
 
 @pytest.mark.parametrize("path", VIDEO_FIXTURES, ids=_case_id)
@@ -151,32 +142,10 @@ def test_preprocess_video_matches_hf(path: Path):
     fx = _load(path)
     assert str(fx["kind"]) == "video"
     budget = int(fx["budget"])
-    frames = fx["frames"]
-    n_frames = frames.shape[0]
-    want_n = fx["num_soft_tokens"].astype(np.int64)  # per frame
-    want_pos = fx["position_ids"]
-    want_pix = fx["pixels"]
-
-    pixel_values, position_ids, num_frames = ref.preprocess_video(frames, max_soft_tokens=budget)
-    pixel_values = np.asarray(pixel_values)
-    position_ids = np.asarray(position_ids)
-
-    assert pixel_values.dtype == np.float32, pixel_values.dtype
-    assert position_ids.dtype == np.int64, position_ids.dtype
-    assert pixel_values.shape == (n_frames, budget, PATCH_DIM)
-    assert position_ids.shape == (n_frames, budget, 2)
+    assert len(fx["num_soft_tokens"]) == fx["frames"].shape[0]  # per frame
+    pixel_values, position_ids, num_frames = ref.preprocess_video(fx["frames"], max_soft_tokens=budget)
     assert np.asarray(num_frames).reshape(-1).tolist() == fx["num_frames_per_video"].tolist()
-
-    offsets = np.concatenate([[0], np.cumsum(want_n)])
-    for t in range(n_frames):
-        _check_rows(
-            f"{path.stem}[frame {t}]",
-            pixel_values[t],
-            position_ids[t],
-            int(want_n[t]),
-            want_pos[t],
-            want_pix[offsets[t] : offsets[t + 1]],
-        )
+    _check_batch(path.stem, pixel_values, position_ids, budget, fx, lambda t: f"frame {t}")
 
 
 def test_image_default_budget_is_280():
