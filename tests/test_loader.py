@@ -26,34 +26,32 @@ def _one_line(err) -> str:
     return msg
 
 
-def test_missing_tensor_is_named(ckpt, tmp_path):
-    _, hf = ckpt
-    t = random_tensors(hf)
+def _drop(t):
     del t["model.language_model.layers.3.mlp.up_proj.weight"]
-    d = write_checkpoint(tmp_path / "x", hf, t)
-    with pytest.raises(ref.CheckpointError) as e:
-        ref.load_model(d)
-    assert "missing tensor model.language_model.layers.3.mlp.up_proj.weight" in _one_line(e)
 
 
-def test_unexpected_tensor_is_named(ckpt, tmp_path):
-    _, hf = ckpt
-    t = random_tensors(hf)
+def _extra(t):
     t["model.language_model.layers.5.self_attn.v_proj.weight"] = np.zeros((32, 64), np.float32)  # k_eq_v layer
-    d = write_checkpoint(tmp_path / "x", hf, t)
-    with pytest.raises(ref.CheckpointError) as e:
-        ref.load_model(d)
-    assert "unexpected tensor model.language_model.layers.5.self_attn.v_proj.weight" in _one_line(e)
 
 
-def test_shape_mismatch_names_got_and_want(ckpt, tmp_path):
+def _misshape(t):
+    t["model.language_model.norm.weight"] = np.ones(63, np.float32)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_drop, "missing tensor model.language_model.layers.3.mlp.up_proj.weight"),
+    (_extra, "unexpected tensor model.language_model.layers.5.self_attn.v_proj.weight"),
+    (_misshape, "model.language_model.norm.weight: got [63], want [64]"),
+], ids=["missing", "unexpected", "shape_mismatch"])
+def test_wrong_tensor_set_is_named(ckpt, tmp_path, edit, message):
+    """A missing, an unexpected and a mis-shaped tensor: each named in one line (with got and want)."""
     _, hf = ckpt
     t = random_tensors(hf)
-    t["model.language_model.norm.weight"] = np.ones(63, np.float32)
+    edit(t)
     d = write_checkpoint(tmp_path / "x", hf, t)
     with pytest.raises(ref.CheckpointError) as e:
         ref.load_model(d)
-    assert "model.language_model.norm.weight: got [63], want [64]" in _one_line(e)
+    assert message in _one_line(e)
 
 
 def _header(path):
