@@ -248,10 +248,11 @@ def tiled_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, spec, tile: int
             rows = MaskSpec(spec.cfg, spec.kind, spec.q_idx[t0:t1], spec.k_idx, spec.key_ok[b:b + 1],
                             spec.q_block[b:b + 1, t0:t1], spec.k_block[b:b + 1]).dense()[0]  # [n, S]
             seen = np.flatnonzero(rows.any(axis=0))
+            lo, hi = (seen[0], seen[-1] + 1) if seen.size else (0, 0)  # the span of keys the tile can see
             qg = q[b, t0:t1].reshape(n, K, G, Dh).transpose(1, 0, 2, 3).reshape(K, n * G, Dh)
             m = den = acc = None  # running max, softmax denominator, weighted values: [K, n*G, 1|Dh]
-            for s0 in range(seen[0] if seen.size else 0, seen[-1] + 1 if seen.size else 0, key_tile):
-                s1 = min(seen[-1] + 1, s0 + key_tile)
+            for s0 in range(lo, hi, key_tile):
+                s1 = min(hi, s0 + key_tile)
                 sub = rows[:, s0:s1]
                 if not sub.any():
                     continue
