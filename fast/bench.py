@@ -203,7 +203,6 @@ def main(argv=None) -> int:
               f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}")
         print(f"checkpoint: {size / 1e6:.0f} MB bf16, {weights / 1e6:.0f}M parameters in matrices; "
               f"prompt {args.prompt} tokens, {args.decode} decode tokens, best of {args.repeats}")
-        # bandwidth first: just after a GEMM, OpenBLAS's idle threads still spin and would slow Numba's probe
         bw, peak, bound = read_bandwidth(), sgemm_peak(), gemm_bound(hf_cfg, args.prompt)
         print(f"limits measured now: sgemm {peak:.0f} GFLOP/s (2048^3), read bandwidth {bw:.1f} GB/s; "
               f"the prefill's own GEMMs alone take {bound * 1e3:.0f} ms in float32 BLAS "
