@@ -377,16 +377,19 @@ def compile_kernels() -> None:
 
 @nb.njit(parallel=True, fastmath=FM, cache=True)
 def read_all(a):
-    """Sum a 2-D array with every core, ROWS rows per program into a row-wide accumulator (several
-    streams per core, vectorised adds): a read-bandwidth probe. a [R, C] -> float32.
-    (Summing into one scalar per core measured ~10 GB/s here, against ~60 GB/s this way: the probe
-    must not be compute-bound, or every decode would look faster than the memory.)"""
+    """Sum a 2-D array with every core, ROWS rows per program into one float32 per program: a
+    read-bandwidth probe. a [R, C] -> float32 (the sum, in a reassociated order).
+    With `reassoc` the loop becomes several vector accumulators, so the cores issue loads faster than
+    memory delivers them. (A row-wide accumulator in memory stalled on its own loads and stores near
+    55 GB/s on a host that reads 80 GB/s: a probe that slow makes every decode look closer to the
+    limit than it is.)"""
     R, C = a.shape
-    parts = np.zeros((R + ROWS - 1) // ROWS, np.float32)
-    for blk in nb.prange((R + ROWS - 1) // ROWS):
-        acc = np.zeros(C, np.float32)
+    n = (R + ROWS - 1) // ROWS
+    parts = np.zeros(n, np.float32)
+    for blk in nb.prange(n):
+        s = np.float32(0.0)
         for r in range(blk * ROWS, min(R, (blk + 1) * ROWS)):
             for c in range(C):
-                acc[c] += a[r, c]
-        parts[blk] = acc.sum()
+                s += a[r, c]
+        parts[blk] = s
     return parts.sum()

@@ -44,3 +44,26 @@ def test_estimate_12b_times_every_layer_and_the_head(tmp_path):
     for phase in ("prefill", "decode"):
         per_layer, head = r[phase]
         assert len(per_layer) == len(model.config.layers) and all(t > 0 for t in per_layer) and head > 0
+
+
+def test_attention_flops_count_only_visible_pairs():
+    """Derived by hand: 4 tokens, window 3. A full layer sees 1+2+3+4 = 10 pairs, a sliding one
+    1+2+3+3 = 9; each pair costs 2 products x 2 FLOPs x head_dim per query head."""
+    from fast.bench import attention_flops
+    from ref.config import tiny_hf_dict
+
+    hf = tiny_hf_dict(num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                      global_head_dim=16, sliding_window=3, layer_types=["sliding_attention", "full_attention"])
+    assert attention_flops(hf, 4) == 2 * 2 * 8 * 2 * 9 + 2 * 2 * 16 * 2 * 10
+
+
+@pytest.mark.parametrize("rows", [1, 15, 16, 17, 1000])
+def test_read_probe_sums_every_element(rows):
+    """The bandwidth probe must read every row (a probe that skipped some would report a bandwidth the
+    memory does not have): its sum equals numpy's."""
+    import numpy as np
+
+    from fast.cpu import read_all
+
+    a = np.random.default_rng(rows).random((rows, 37), dtype=np.float32)
+    assert np.isclose(read_all(a), a.sum(dtype=np.float64), rtol=1e-5)
