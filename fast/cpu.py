@@ -13,13 +13,14 @@ the same decomposition the GPU kernels in fast/gpu.py use, so their indexing rea
 from __future__ import annotations
 
 import ctypes
+import math
 import sys
 
 import numba as nb
 import numpy as np
 from llvmlite import ir
 from numba.core import types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from ref.config import SLIDING
 from ref.decoder import KVCache, Kernels
@@ -27,10 +28,8 @@ from ref.masks import MaskSpec
 from ref.layers import apply_rope, softcap
 from ref.safetensors_io import Bf16, to_f32
 
-from .maskrule import attend_query, mode_of
 
 FM = {"reassoc", "contract"}  # reassociate sums (vectorised reductions), allow fused multiply-add
-_attend_query = nb.njit(fastmath=FM, cache=True)(attend_query)
 ROWS = 16  # weight rows per GEMV program
 GEMV_MAX_M = 8  # up to this many rows of x a GEMV beats upcast + BLAS (measured, see fast/bench.py)
 SCRATCH_FLOATS = 1 << 26  # upcast at most this many weights (256 MB) per BLAS call during prefill
@@ -71,6 +70,18 @@ def _bits_to_f32(typingctx, bits):
 def bf16(bits):
     """One bf16 (uint16 bits) -> its exact float32 value."""
     return _bits_to_f32(np.uint32(bits) << np.uint32(16))
+
+
+def as_f32(value):
+    """A stored weight value -> float32: uint16 is bf16 bits, a float is converted (Numba only)."""
+    raise NotImplementedError("compiled by Numba")
+
+
+@overload(as_f32)
+def _as_f32(value):
+    if isinstance(value, types.Integer):
+        return lambda value: bf16(value)
+    return lambda value: np.float32(value)
 
 
 @nb.njit(parallel=True, fastmath=FM, cache=True)
@@ -149,8 +160,8 @@ def linear(x: np.ndarray, w, b=None) -> np.ndarray:
 
 @nb.njit(fastmath=FM, cache=True)
 def _rms_norm(x, w, eps, out):
-    """x [R, N] -> out [R, N]: x * (mean(x^2) + eps)^-0.5 * w. One thread: memory-bound and short, a
-    parallel launch costs more than it saves."""
+    """x [R, N] -> out [R, N]: x * (mean(x^2) + eps)^-0.5 * w, w [N] float or bf16 bits. One thread:
+    memory-bound and short, a parallel launch costs more than it saves."""
     R, N = x.shape
     for r in range(R):
         ss = np.float32(0.0)
@@ -158,7 +169,7 @@ def _rms_norm(x, w, eps, out):
             ss += x[r, i] * x[r, i]
         inv = np.float32(1.0) / np.sqrt(ss / np.float32(N) + eps)
         for i in range(N):
-            out[r, i] = x[r, i] * inv * w[i]
+            out[r, i] = x[r, i] * inv * as_f32(w[i])
 
 
 _ONES: dict[int, np.ndarray] = {}
@@ -167,7 +178,7 @@ _ONES: dict[int, np.ndarray] = {}
 def rms_norm(x: np.ndarray, w=None, eps: float = 1e-6) -> np.ndarray:
     """[..., N] -> [..., N], as ref.layers.rms_norm."""
     N = x.shape[-1]
-    wf = _ONES.setdefault(N, np.ones(N, np.float32)) if w is None else to_f32(w)
+    wf = _ONES.setdefault(N, np.ones(N, np.float32)) if w is None else w.bits if isinstance(w, Bf16) else to_f32(w)
     x2 = np.ascontiguousarray(x.reshape(-1, N), np.float32)
     out = np.empty_like(x2)
     _rms_norm(x2, wf, np.float32(eps), out)
@@ -205,24 +216,105 @@ def lm_head(h: np.ndarray, table, cap: float | None) -> np.ndarray:
 # ---- attention ----------------------------------------------------------------------------------
 
 @nb.njit(fastmath=FM, cache=True)
-def _attend_one(q, k, v, q_idx, k_idx, key_ok, q_block, k_block, mode, window, out, pid):
-    """One program: query pid = (b, h, t), computed by the shared body in fast/maskrule.py."""
-    acc = np.zeros(q.shape[3], np.float32)
-    _attend_query(q, k, v, q_idx, k_idx, key_ok, q_block, k_block, mode, window, pid, acc)
-    H, T = q.shape[2], q.shape[1]
-    out[pid // (H * T), pid % T, (pid // T) % H] = acc
+def _decode_program(q, k, v, mask, chunk, part_m, part_l, part_acc, pid):
+    """Split-key attention for a few queries (decode), one program: pid = (b, key chunk c). For every
+    query and head, the scores of the chunk's visible keys, their max, exp and sum, and the exp-weighted
+    sum of values, into part_m/part_l [B, C, T, H] and part_acc [B, C, T, H, Dh]; `_combine` merges the
+    chunks. A program reads its chunk's K and V rows for all heads (GQA), so a single query still
+    spreads over every core. q [B, T, H, Dh], k/v [B, S, K, Dh], mask [B, T, S] bool."""
+    T, H, Dh = q.shape[1], q.shape[2], q.shape[3]
+    S, G, C = k.shape[1], H // k.shape[2], part_m.shape[1]
+    b, c = pid // C, pid % C
+    s0 = c * chunk
+    n = min(S, s0 + chunk) - s0
+    p = np.empty((T, H, n), np.float32)
+    m = np.full((T, H), -np.inf, np.float32)
+    for j in range(n):  # key rows in memory order: K heads x Dh contiguous, streamed once
+        for t in range(T):
+            if mask[b, t, s0 + j]:
+                for h in range(H):
+                    score = np.float32(0.0)
+                    for i in range(Dh):
+                        score += q[b, t, h, i] * k[b, s0 + j, h // G, i]
+                    p[t, h, j] = score
+                    m[t, h] = max(m[t, h], score)
+    for t in range(T):
+        for h in range(H):
+            den = np.float32(0.0)
+            for j in range(n):
+                e = np.float32(math.exp(p[t, h, j] - m[t, h])) if mask[b, t, s0 + j] else np.float32(0.0)
+                p[t, h, j] = e
+                den += e
+            part_m[b, c, t, h], part_l[b, c, t, h] = m[t, h], den
+    acc = part_acc[b, c]
+    acc[:] = 0
+    for j in range(n):
+        for t in range(T):
+            for h in range(H):
+                w = p[t, h, j]
+                if w != 0:
+                    for i in range(Dh):
+                        acc[t, h, i] += w * v[b, s0 + j, h // G, i]
 
 
 @nb.njit(fastmath=FM, cache=True)
-def _attention_serial(q, k, v, q_idx, k_idx, key_ok, q_block, k_block, mode, window, out):
-    for pid in range(q.shape[0] * q.shape[2] * q.shape[1]):
-        _attend_one(q, k, v, q_idx, k_idx, key_ok, q_block, k_block, mode, window, out, pid)
+def _decode_serial(q, k, v, mask, chunk, part_m, part_l, part_acc):
+    for pid in range(part_m.shape[0] * part_m.shape[1]):
+        _decode_program(q, k, v, mask, chunk, part_m, part_l, part_acc, pid)
 
 
 @nb.njit(parallel=True, fastmath=FM, cache=True)
-def _attention_parallel(q, k, v, q_idx, k_idx, key_ok, q_block, k_block, mode, window, out):
-    for pid in nb.prange(q.shape[0] * q.shape[2] * q.shape[1]):
-        _attend_one(q, k, v, q_idx, k_idx, key_ok, q_block, k_block, mode, window, out, pid)
+def _decode_parallel(q, k, v, mask, chunk, part_m, part_l, part_acc):
+    for pid in nb.prange(part_m.shape[0] * part_m.shape[1]):
+        _decode_program(q, k, v, mask, chunk, part_m, part_l, part_acc, pid)
+
+
+@nb.njit(fastmath=FM, cache=True)
+def _combine(v, part_m, part_l, part_acc, out):
+    """Merge the chunks of `_decode_attention` into out [B, T, H, Dh]: rescale each chunk to the overall
+    max. A query that sees no key gets the mean of all values, as ref and HF."""
+    B, C, T, H = part_m.shape
+    S, K, Dh = v.shape[1], v.shape[2], v.shape[3]
+    for b in range(B):
+        for t in range(T):
+            for h in range(H):
+                m = np.float32(-np.inf)
+                for c in range(C):
+                    m = max(m, part_m[b, c, t, h])
+                o = out[b, t, h]
+                o[:] = 0
+                if m == -np.inf:
+                    for s in range(S):
+                        for i in range(Dh):
+                            o[i] += v[b, s, h // (H // K), i]
+                    o /= np.float32(S)
+                    continue
+                den = np.float32(0.0)
+                for c in range(C):
+                    scale = np.float32(math.exp(part_m[b, c, t, h] - m))
+                    den += part_l[b, c, t, h] * scale
+                    for i in range(Dh):
+                        o[i] += part_acc[b, c, t, h, i] * scale
+                o /= den
+
+
+MASK_CACHE_MAX = 1 << 24  # cache a layer kind's dense mask up to this many query-key pairs
+_MASKS: list = []  # (MaskSpec, its dense mask) of the latest forward passes
+
+
+def dense_mask(spec) -> np.ndarray | None:
+    """The dense [B, T, S] mask of a MaskSpec, computed once: every layer of a kind gets the same
+    MaskSpec object within a forward pass. None when the mask is too large to keep (long prefills:
+    the tiled kernel then builds it a tile at a time)."""
+    for cached, dense in _MASKS:
+        if cached is spec:
+            return dense
+    if spec.key_ok.shape[0] * len(spec.q_idx) * len(spec.k_idx) > MASK_CACHE_MAX:
+        return None
+    dense = np.ascontiguousarray(spec.dense())
+    _MASKS.insert(0, (spec, dense))
+    del _MASKS[4:]
+    return dense
 
 
 TILED_MIN_QUERIES = 16  # from this many queries on, BLAS tiles beat the per-query kernel
@@ -240,13 +332,15 @@ def tiled_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, spec, tile: int
     K = k.shape[2]
     G = H // K
     out = np.empty(q.shape, np.float32)
+    dense = dense_mask(spec)  # shared by every layer of the kind, when small enough to keep
     for b in range(B):
         kt, vt = k[b].transpose(1, 2, 0), v[b].transpose(1, 0, 2)  # [K, Dh, S], [K, S, Dh]
         for t0 in range(0, T, tile):
             t1 = min(T, t0 + tile)
             n = t1 - t0
-            rows = MaskSpec(spec.cfg, spec.kind, spec.q_idx[t0:t1], spec.k_idx, spec.key_ok[b:b + 1],
-                            spec.q_block[b:b + 1, t0:t1], spec.k_block[b:b + 1]).dense()[0]  # [n, S]
+            rows = dense[b, t0:t1] if dense is not None else MaskSpec(
+                spec.cfg, spec.kind, spec.q_idx[t0:t1], spec.k_idx, spec.key_ok[b:b + 1],
+                spec.q_block[b:b + 1, t0:t1], spec.k_block[b:b + 1]).dense()[0]  # [n, S]
             seen = np.flatnonzero(rows.any(axis=0))
             lo, hi = (seen[0], seen[-1] + 1) if seen.size else (0, 0)  # the span of keys the tile can see
             qg = q[b, t0:t1].reshape(n, K, G, Dh).transpose(1, 0, 2, 3).reshape(K, n * G, Dh)
@@ -285,19 +379,39 @@ def tiled_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, spec, tile: int
     return out
 
 
+MIN_KEY_CHUNK = 32  # keys per decode program at least
+
+
+def decode_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, spec, key_chunk: int | None = None,
+                     parallel: bool | None = None) -> np.ndarray:
+    """q [B, T, H, Dh], k/v [B, S, K, Dh], MaskSpec -> [B, T, H, Dh] through the split-key kernels, for a
+    few queries. key_chunk None: two chunks per thread and batch row; parallel None: by the work."""
+    B, T, H, Dh = q.shape
+    S = k.shape[1]
+    if parallel is None:
+        parallel = B * T * H * S * Dh > PARALLEL_ATTENTION_WORK
+    if key_chunk is None:
+        key_chunk = max(MIN_KEY_CHUNK, -(-S * B // (2 * nb.get_num_threads()))) if parallel else S
+    C = max(1, -(-S // key_chunk))
+    part_m, part_l = np.empty((B, C, T, H), np.float32), np.empty((B, C, T, H), np.float32)
+    part_acc = np.empty((B, C, T, H, Dh), np.float32)
+    c = np.ascontiguousarray
+    v = c(v, np.float32)
+    mask = dense_mask(spec)
+    mask = c(spec.dense()) if mask is None else mask
+    (_decode_parallel if parallel else _decode_serial)(c(q, np.float32), c(k, np.float32), v, mask, key_chunk,
+                                                       part_m, part_l, part_acc)
+    out = np.empty(q.shape, np.float32)
+    _combine(v, part_m, part_l, part_acc, out)
+    return out
+
+
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, spec) -> np.ndarray:
     """q [B, T, H, Dh], k/v [B, S, K, Dh], MaskSpec -> [B, T, H, Dh], as ref's masked_attention: tiled
-    through BLAS for prefill, a Numba online-softmax kernel for a few queries (decode)."""
+    through BLAS for prefill, split-key Numba kernels for a few queries (decode)."""
     if q.shape[1] > TILED_MIN_QUERIES:
         return tiled_attention(q, k, v, spec)
-    out = np.empty(q.shape, np.float32)
-    c = np.ascontiguousarray
-    B, T, H, Dh = q.shape
-    run = _attention_parallel if B * T * H * k.shape[1] * Dh > PARALLEL_ATTENTION_WORK else _attention_serial
-    run(c(q, np.float32), c(k, np.float32), c(v, np.float32), c(spec.q_idx, np.int64),
-               c(spec.k_idx, np.int64), c(spec.key_ok, np.bool_), c(spec.q_block, np.int64),
-               c(spec.k_block, np.int64), mode_of(spec), spec.cfg.window, out)
-    return out
+    return decode_attention(q, k, v, spec)
 
 
 KERNELS = Kernels(linear=linear, rms_norm=rms_norm, apply_rope=apply_rope, attention=attention, mlp=mlp,
@@ -365,12 +479,13 @@ def compile_kernels() -> None:
     u16.flags.writeable = False  # checkpoint weights are read-only memory maps: a type of their own to Numba
     _gemv_bf16(f32, u16, np.empty((2, 3), np.float32))
     _upcast_rows(u16, 0, 3, np.empty((3, 4), np.float32))
-    _rms_norm(f32, np.ones(4, np.float32), np.float32(1e-6), np.empty_like(f32))
+    for w in (np.ones(4, np.float32), u16[0]):
+        _rms_norm(f32, w, np.float32(1e-6), np.empty_like(f32))
     q, kv = np.ones((1, 1, 2, 4), np.float32), np.ones((1, 3, 1, 4), np.float32)
-    args = (q, kv, kv, np.zeros(1, np.int64), np.arange(3, dtype=np.int64), np.ones((1, 3), np.bool_),
-            np.full((1, 1), -1, np.int64), np.full((1, 3), -1, np.int64), 0, 8, np.empty_like(q))
-    _attention_serial(*args)
-    _attention_parallel(*args)
+    parts = np.empty((1, 1, 1, 2), np.float32), np.empty((1, 1, 1, 2), np.float32), np.empty((1, 1, 1, 2, 4), np.float32)
+    for run in (_decode_serial, _decode_parallel):
+        run(q, kv, kv, np.ones((1, 1, 3), np.bool_), 3, *parts)
+    _combine(kv, *parts, np.empty_like(q))
 
 
 # ---- a probe for the benchmark ------------------------------------------------------------------

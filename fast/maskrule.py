@@ -1,6 +1,7 @@
-"""What one attention query computes, written once in plain Python and compiled by both backends (Numba
-on the CPU in fast/cpu.py, Numba CUDA in fast/gpu.py), so the CPU and GPU kernels cannot drift apart.
-The mask rule mirrors ref.masks.layer_mask; the result mirrors ref.layers.attention."""
+"""What one attention query computes, written in plain Python so that Numba CUDA compiles it for the GPU
+(fast/gpu.py) and the CUDA simulator runs it in CI. The mask rule mirrors ref.masks.layer_mask; the
+result mirrors ref.layers.attention. (The CPU's decode kernels in fast/cpu.py take ref's dense mask of
+the layer kind instead, computed once per forward pass: there one key row serves every head.)"""
 
 from __future__ import annotations
 

@@ -46,11 +46,14 @@ def test_matmul_matches_ref_linear(m, n_in, n_out, bf16, seed):
 
 
 @SETTINGS
-@given(rows=st.integers(1, 30), n=st.integers(1, 200), scale=st.booleans(), seed=st.integers(0, 999))
+@given(rows=st.integers(1, 30), n=st.integers(1, 200), scale=st.sampled_from([None, "f32", "bf16"]),
+       seed=st.integers(0, 999))
 def test_rms_norm_matches_ref(rows, n, scale, seed):
+    """No weight, a float32 weight, and a bf16 weight (its bits upcast inside the kernel)."""
     rng = np.random.default_rng(seed)
     x = rng.normal(0, 3, (rows, n)).astype(np.float32)
     w = rng.uniform(0.5, 1.5, n).astype(np.float32) if scale else None
+    w = Bf16(f32_to_bf16(w)) if scale == "bf16" else w
     close(cpu.rms_norm(x, w, 1e-6), REF.rms_norm(x, w, 1e-6))
 
 
@@ -86,16 +89,26 @@ def test_attention_matches_ref_for_every_mask(t, past, heads, dh, window, kind, 
     block = np.full((2, S), -1)
     block[:, S // 3: S // 3 + 4] = 0  # a vision block straddling queries and past keys
     spec = MaskSpec(cfg, kind, np.arange(past, S), np.arange(S), key_ok, block[:, past:], block)
-    close(cpu.attention(q, k, v, spec), REF.attention(q, k, v, spec))
+    want = REF.attention(q, k, v, spec)
+    close(cpu.attention(q, k, v, spec), want)
+    # the decode kernels with key chunks small enough that chunks are merged (some see no key), on one
+    # thread and on several
+    for parallel in (False, True):
+        close(cpu.decode_attention(q, k, v, spec, key_chunk=key_tile, parallel=parallel), want)
     # the prefill kernel with tiles small enough that every path runs: several query and key tiles,
     # the online softmax across them, key tiles skipped or fully open, whole tiles that see no key
-    close(cpu.tiled_attention(q, k, v, spec, tile=tile, key_tile=key_tile), REF.attention(q, k, v, spec))
+    close(cpu.tiled_attention(q, k, v, spec, tile=tile, key_tile=key_tile), want)
 
 
+@pytest.mark.parametrize("keep_mask", [True, False])
 @pytest.mark.parametrize("kind", [FULL, SLIDING])
-def test_tiled_attention_default_tiles_across_the_window(kind):
+def test_tiled_attention_default_tiles_across_the_window(kind, keep_mask, monkeypatch):
     """The prefill kernel at its real tile sizes: 700 queries (6 query tiles, 2 key tiles), a window of
-    200 (tiles partly and wholly outside it), an image block straddling tile edges, left padding."""
+    200 (tiles partly and wholly outside it), an image block straddling tile edges, left padding; with
+    the dense mask kept for the layer kind, and built a tile at a time as for prompts too long to keep it.
+    The decode kernel then, too, with a mask too large to keep."""
+    if not keep_mask:
+        monkeypatch.setattr(cpu, "MASK_CACHE_MAX", 0)
     rng = np.random.default_rng(1)
     cfg = from_hf_dict(tiny_hf_dict(sliding_window=200))
     B, T, H, K, Dh = 2, 700, 4, 2, 16
@@ -108,6 +121,8 @@ def test_tiled_attention_default_tiles_across_the_window(kind):
     block[:, 100:400] = 0
     spec = MaskSpec(cfg, kind, np.arange(T), np.arange(T), key_ok, block, block)
     close(cpu.tiled_attention(q, k, v, spec), REF.attention(q, k, v, spec))
+    last = MaskSpec(cfg, kind, np.arange(T - 3, T), np.arange(T), key_ok, block[:, -3:], block)
+    close(cpu.decode_attention(q[:, -3:], k, v, last), REF.attention(q[:, -3:], k, v, last))
 
 
 def test_ring_cache_matches_list_cache():
@@ -195,7 +210,7 @@ import numpy as np, fast
 from fast import cpu
 model = fast.load_model({str(path)!r})
 model.compile()
-names = ["_gemv_bf16", "_upcast_rows", "_rms_norm", "_attention_serial", "_attention_parallel"]
+names = ["_gemv_bf16", "_upcast_rows", "_rms_norm", "_decode_serial", "_decode_parallel", "_combine"]
 before = {{n: set(getattr(cpu, n).signatures) for n in names}}
 model.generate(np.arange(3, 43)[None], max_new_tokens=3)
 print({{n: len(set(getattr(cpu, n).signatures) - before[n]) for n in names}})
