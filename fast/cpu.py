@@ -226,15 +226,16 @@ def gelu_tanh_mul(g: np.ndarray, u: np.ndarray) -> None:
 @nb.njit(cache=True)
 def _rope(x, cos, sin, out):
     """x [R, N, Dh], cos/sin [R, Dh] -> out: x * cos + rotate_half(x) * sin, rotate_half(x) =
-    concat(-x[half:], x[:half])."""
+    concat(-x[half:], x[:half]) with half = Dh // 2 (its first part is the longer one for an odd Dh)."""
     R, N, Dh = x.shape
     half = Dh // 2
+    first = Dh - half
     for r in range(R):
         for n in range(N):
-            for i in range(half):
+            for i in range(first):
                 out[r, n, i] = x[r, n, i] * cos[r, i] + -x[r, n, i + half] * sin[r, i]
-            for i in range(half, Dh):
-                out[r, n, i] = x[r, n, i] * cos[r, i] + x[r, n, i - half] * sin[r, i]
+            for i in range(first, Dh):
+                out[r, n, i] = x[r, n, i] * cos[r, i] + x[r, n, i - first] * sin[r, i]
 
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:

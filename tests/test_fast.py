@@ -72,7 +72,7 @@ def test_mlp_matches_ref(t, d, inter, up_bf16, seed):
 
 
 @SETTINGS
-@given(shape=st.tuples(st.integers(1, 3), st.integers(1, 9), st.integers(1, 5), st.sampled_from([2, 4, 6, 34])),
+@given(shape=st.tuples(st.integers(1, 3), st.integers(1, 9), st.integers(1, 5), st.sampled_from([1, 2, 5, 6, 34])),
        seed=st.integers(0, 999))
 def test_rope_and_gelu_equal_ref_bit_for_bit(shape, seed):
     """The elementwise kernels keep ref's operation order and no fused multiply-add: equal, not close."""
