@@ -353,7 +353,7 @@ def dense_mask(spec) -> np.ndarray | None:
         return None
     dense = np.ascontiguousarray(spec.dense())
     _MASKS.insert(0, (spec, dense))
-    del _MASKS[4:]
+    del _MASKS[2:]  # one per layer kind
     return dense
 
 
