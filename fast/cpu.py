@@ -13,7 +13,6 @@ the same decomposition the GPU kernels in fast/gpu.py use, so their indexing rea
 from __future__ import annotations
 
 import ctypes
-import math
 import sys
 
 import numba as nb
@@ -255,6 +254,26 @@ def lm_head(h: np.ndarray, table, cap: float | None) -> np.ndarray:
 
 # ---- attention ----------------------------------------------------------------------------------
 
+LOG2E, LN2_HI, LN2_LO = np.float32(1.4426950408889634), np.float32(0.693145751953125), np.float32(1.4286068e-06)
+
+
+@nb.njit(inline="always", fastmath=FM)
+def exp32(x):
+    """e^x for a float32 x <= 0 (softmax arguments), in operations LLVM vectorises (numpy's exp is one
+    call per array; libm's is scalar). x = k ln2 + r, |r| <= ln2/2: e^r by its Taylor series to r^7
+    (truncation < 1e-8 relative), 2^k from the exponent bits. Measured max error 7.7e-8 relative over
+    [-87, 0] (numpy's float32 exp: 2.0e-7). Below -87 (and -inf) -> 0: e^-87 < 2^-125, nothing beside a
+    row maximum of e^0 = 1."""
+    xc = max(x, np.float32(-87.0))
+    k = np.floor(xc * LOG2E + np.float32(0.5))
+    r = xc - k * LN2_HI - k * LN2_LO
+    e = np.float32(1 / 5040)
+    for c in (1 / 720, 1 / 120, 1 / 24, 1 / 6, 1 / 2, 1.0, 1.0):
+        e = e * r + np.float32(c)
+    two_k = _bits_to_f32((np.int32(k) + np.int32(127)) << np.int32(23))
+    return e * two_k if x >= np.float32(-87.0) else np.float32(0.0)
+
+
 @nb.njit(fastmath=FM, cache=True)
 def _decode_program(q, k, v, mask, chunk, part_m, part_l, part_acc, pid):
     """Split-key attention for a few queries (decode), one program: pid = (b, key chunk c). For every
@@ -282,7 +301,7 @@ def _decode_program(q, k, v, mask, chunk, part_m, part_l, part_acc, pid):
         for h in range(H):
             den = np.float32(0.0)
             for j in range(n):
-                e = np.float32(math.exp(p[t, h, j] - m[t, h])) if mask[b, t, s0 + j] else np.float32(0.0)
+                e = exp32(p[t, h, j] - m[t, h]) if mask[b, t, s0 + j] else np.float32(0.0)
                 p[t, h, j] = e
                 den += e
             part_m[b, c, t, h], part_l[b, c, t, h] = m[t, h], den
@@ -331,7 +350,7 @@ def _combine(v, part_m, part_l, part_acc, out):
                     continue
                 den = np.float32(0.0)
                 for c in range(C):
-                    scale = np.float32(math.exp(part_m[b, c, t, h] - m))
+                    scale = exp32(part_m[b, c, t, h] - m)
                     den += part_l[b, c, t, h] * scale
                     for i in range(Dh):
                         o[i] += part_acc[b, c, t, h, i] * scale
@@ -359,26 +378,6 @@ def dense_mask(spec) -> np.ndarray | None:
 
 TILED_MIN_QUERIES = 16  # from this many queries on, BLAS tiles beat the per-query kernel
 PARALLEL_ATTENTION_WORK = 1 << 18  # query-key pairs x head dim above which two threads pay off
-
-
-LOG2E, LN2_HI, LN2_LO = np.float32(1.4426950408889634), np.float32(0.693145751953125), np.float32(1.4286068e-06)
-
-
-@nb.njit(inline="always", fastmath=FM)
-def exp32(x):
-    """e^x for a float32 x <= 0 (softmax arguments), in operations LLVM vectorises (numpy's exp is one
-    call per array; libm's is scalar). x = k ln2 + r, |r| <= ln2/2: e^r by its Taylor series to r^7
-    (truncation < 1e-8 relative), 2^k from the exponent bits. Measured max error 7.7e-8 relative over
-    [-87, 0] (numpy's float32 exp: 2.0e-7). Below -87 (and -inf) -> 0: e^-87 < 2^-125, nothing beside a
-    row maximum of e^0 = 1."""
-    xc = max(x, np.float32(-87.0))
-    k = np.floor(xc * LOG2E + np.float32(0.5))
-    r = xc - k * LN2_HI - k * LN2_LO
-    e = np.float32(1 / 5040)
-    for c in (1 / 720, 1 / 120, 1 / 24, 1 / 6, 1 / 2, 1.0, 1.0):
-        e = e * r + np.float32(c)
-    two_k = _bits_to_f32((np.int32(k) + np.int32(127)) << np.int32(23))
-    return e * two_k if x >= np.float32(-87.0) else np.float32(0.0)
 
 
 @nb.njit(fastmath=FM, cache=True)

@@ -91,6 +91,17 @@ def main(argv=None) -> int:
             backends.append(("--backend fast", fast.load_model))
         except ImportError:
             print("fast: not installed (pip install '.[fast]')")
+        limits = None
+        if len(backends) > 1:  # the machine's limits, measured as fast.bench measures them
+            from fast.bench import attention_flops, decoder_weight_counts, read_bandwidth, sgemm_peak
+
+            weights, head_params = decoder_weight_counts(gemma4_12b_hf_dict())
+            flops = 2 * (weights - head_params) * args.prompt + 2 * head_params + \
+                attention_flops(gemma4_12b_hf_dict(), args.prompt)
+            limits = (sgemm_peak(), read_bandwidth())
+            print(f"limits measured now: sgemm {limits[0]:.0f} GFLOP/s (2048^3), read bandwidth {limits[1]:.1f} GB/s; "
+                  f"the real model: {flops / 1e12:.2f} TFLOP for this prefill (attention counted as causal), "
+                  f"{2 * weights / 1e9:.1f} GB of bf16 weights read per decoded token")
         print(f"\n{'':16} {'sliding ms':>11} {'global ms':>10} {'head ms':>8} {'48 layers + head':>17}")
         for name, load in backends:
             model = load(path)
@@ -101,6 +112,9 @@ def main(argv=None) -> int:
                 total = counts[SLIDING] * sliding + counts[FULL] * full + head
                 rate = (f"{total:6.1f} s = {args.prompt / total:.1f} tok/s" if phase == "prefill"
                         else f"{total:6.2f} s/token")
+                if limits:
+                    rate += (f", {flops / total / 1e9 / limits[0]:.0%} of the sgemm peak" if phase == "prefill"
+                             else f", {2 * weights / total / 1e9 / limits[1]:.0%} of the read bandwidth")
                 print(f"{name + ' ' + phase:24} {sliding * 1e3:6.0f} {full * 1e3:10.0f} {head * 1e3:8.0f}   {rate}")
             del model
     return 0
