@@ -6,8 +6,9 @@ unless CUPY_TF32=1, so products stay float32); decode uses a GEMV kernel that re
 
 Without a GPU the same module runs on NumPy arrays with Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1):
 that is how CI checks the kernels' indexing and the data flow. Only `as_f32` differs between the two,
-because the simulator has no libdevice. Program ids match fast/cpu.py: a row of the output for GEMV and
-RMSNorm, one (batch, head, query) triple for attention.
+because the simulator has no libdevice. A block computes a row of the output for GEMV and RMSNorm, and
+one (batch, head, query) for decode attention (its threads split the keys); prefill attention runs a
+thread per query.
 
 Status: written and checked under the simulator; not yet run or timed on a GPU (see README).
 """
@@ -112,6 +113,66 @@ def _attention(q, k, v, q_idx, k_idx, key_ok, q_block, k_block, mode, window, ou
     _attend_query(q, k, v, q_idx, k_idx, key_ok, q_block, k_block, mode, window, pid, row)
 
 
+@cuda.jit
+def _decode_attention(q, k, v, mask, scratch, out):
+    """Block = one (b, h, t) query; its threads split the keys. Three steps with block-wide reductions
+    in shared memory: every thread scores its keys (visible ones, from ref's dense mask [B, T, S]) into
+    scratch [B*H*T, S] and the block takes the max; each thread turns its scores into exp(score - max)
+    and the block sums them; then each thread owns head dims and sums probability x value over all keys.
+    A query that sees no key gets the mean of all values, as ref and HF."""
+    B, T, H, Dh = q.shape
+    S, K = k.shape[1], k.shape[2]
+    pid = cuda.blockIdx.x
+    tid = cuda.threadIdx.x
+    b, h, t = pid // (H * T), (pid // T) % H, pid % T
+    kh = h // (H // K)
+    red = cuda.shared.array(THREADS, float32)
+    top = float32(-math.inf)
+    for s in range(tid, S, THREADS):
+        if mask[b, t, s]:
+            score = float32(0.0)
+            for i in range(Dh):
+                score += q[b, t, h, i] * k[b, s, kh, i]
+            scratch[pid, s] = score
+            top = max(top, score)
+    red[tid] = top
+    cuda.syncthreads()
+    step = THREADS // 2
+    while step > 0:
+        if tid < step:
+            red[tid] = max(red[tid], red[tid + step])
+        cuda.syncthreads()
+        step //= 2
+    top = red[0]
+    cuda.syncthreads()  # every thread has read the max before red is reused
+    total = float32(0.0)
+    for s in range(tid, S, THREADS):
+        p = float32(0.0)
+        if mask[b, t, s]:
+            p = math.exp(scratch[pid, s] - top)
+        scratch[pid, s] = p
+        total += p
+    red[tid] = total
+    cuda.syncthreads()
+    step = THREADS // 2
+    while step > 0:
+        if tid < step:
+            red[tid] += red[tid + step]
+        cuda.syncthreads()
+        step //= 2
+    total = red[0]
+    for i in range(tid, Dh, THREADS):
+        acc = float32(0.0)
+        if top == -math.inf:
+            for s in range(S):
+                acc += v[b, s, kh, i]
+            out[b, t, h, i] = acc / float32(S)
+        else:
+            for s in range(S):
+                acc += scratch[pid, s] * v[b, s, kh, i]
+            out[b, t, h, i] = acc / total
+
+
 # ---- the Kernels bundle -------------------------------------------------------------------------
 
 def _dev(a, dtype=None):
@@ -155,7 +216,8 @@ def apply_rope(x, cos, sin):
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
-def attention(q, k, v, spec):
+def query_attention(q, k, v, spec):
+    """One thread per (b, h, t) query over every key (prefill)."""
     out = xp.empty(q.shape, xp.float32)
     n = q.shape[0] * q.shape[1] * q.shape[2]
     _attention[(n + THREADS - 1) // THREADS, THREADS](
@@ -163,6 +225,21 @@ def attention(q, k, v, spec):
         _dev(spec.key_ok, xp.bool_), _dev(spec.q_block, xp.int64), _dev(spec.k_block, xp.int64),
         mode_of(spec), spec.cfg.window, out)
     return out
+
+
+def decode_attention(q, k, v, spec):
+    """One block per (b, h, t) query, its threads splitting the keys (a few queries: decode). The mask is
+    ref's, [B, T, S] bool, built on the host and uploaded (T x S bytes)."""
+    B, T, H, _ = q.shape
+    out = xp.empty(q.shape, xp.float32)
+    scratch = xp.empty((B * H * T, k.shape[1]), xp.float32)
+    _decode_attention[B * H * T, THREADS](_dev(q), _dev(k), _dev(v), _dev(spec.dense(), xp.bool_), scratch, out)
+    return out
+
+
+def attention(q, k, v, spec):
+    """q [B, T, H, Dh], k/v [B, S, K, Dh], MaskSpec -> [B, T, H, Dh]."""
+    return decode_attention(q, k, v, spec) if q.shape[1] <= GEMV_MAX_M else query_attention(q, k, v, spec)
 
 
 def mlp(h, p):

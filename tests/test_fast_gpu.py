@@ -27,7 +27,7 @@ def _run(env_extra):
 def test_gpu_kernels_and_model_under_cuda_simulator():
     out = _run({"NUMBA_ENABLE_CUDASIM": "1"})
     assert "ok model forward" in out and "ok generate" in out
-    assert out.count("ok attention") == 6
+    assert out.count("ok attention") == 6 and out.count("ok query attention") == 6
 
 
 def _have_gpu() -> bool:
