@@ -76,6 +76,24 @@ def _gemv_bf16(x, w, out):
             out[m, o] = part[m, 0]
 
 
+@cuda.jit(device=True)
+def _block_reduce(red, take_max):
+    """Every thread of the block has put its value in red[tid] (shared, [THREADS]) -> the block's sum,
+    or max, for every thread. A tree in shared memory; all threads must call it; red is free again
+    when it returns."""
+    tid = cuda.threadIdx.x
+    cuda.syncthreads()
+    step = THREADS // 2
+    while step > 0:
+        if tid < step:
+            red[tid] = max(red[tid], red[tid + step]) if take_max else red[tid] + red[tid + step]
+        cuda.syncthreads()
+        step //= 2
+    result = red[0]
+    cuda.syncthreads()
+    return result
+
+
 @cuda.jit
 def _rms_norm(x, w, eps, out):
     """x [R, N] -> out [R, N] = x * (mean(x^2) + eps)^-0.5 * w. Block = one row."""
@@ -87,14 +105,7 @@ def _rms_norm(x, w, eps, out):
     for i in range(tid, N, THREADS):
         acc += x[r, i] * x[r, i]
     part[tid] = acc
-    cuda.syncthreads()
-    step = THREADS // 2
-    while step > 0:
-        if tid < step:
-            part[tid] += part[tid + step]
-        cuda.syncthreads()
-        step //= 2
-    inv = float32(1.0) / math.sqrt(part[0] / float32(N) + eps)
+    inv = float32(1.0) / math.sqrt(_block_reduce(part, False) / float32(N) + eps)
     for i in range(tid, N, THREADS):
         out[r, i] = x[r, i] * inv * w[i]
 
@@ -136,15 +147,7 @@ def _decode_attention(q, k, v, mask, scratch, out):
             scratch[pid, s] = score
             top = max(top, score)
     red[tid] = top
-    cuda.syncthreads()
-    step = THREADS // 2
-    while step > 0:
-        if tid < step:
-            red[tid] = max(red[tid], red[tid + step])
-        cuda.syncthreads()
-        step //= 2
-    top = red[0]
-    cuda.syncthreads()  # every thread has read the max before red is reused
+    top = _block_reduce(red, True)
     total = float32(0.0)
     for s in range(tid, S, THREADS):
         p = float32(0.0)
@@ -153,14 +156,7 @@ def _decode_attention(q, k, v, mask, scratch, out):
         scratch[pid, s] = p
         total += p
     red[tid] = total
-    cuda.syncthreads()
-    step = THREADS // 2
-    while step > 0:
-        if tid < step:
-            red[tid] += red[tid + step]
-        cuda.syncthreads()
-        step //= 2
-    total = red[0]
+    total = _block_reduce(red, False)
     for i in range(tid, Dh, THREADS):
         acc = float32(0.0)
         if top == -math.inf:
