@@ -177,7 +177,12 @@ _ONES: dict[int, np.ndarray] = {}
 def rms_norm(x: np.ndarray, w=None, eps: float = 1e-6) -> np.ndarray:
     """[..., N] -> [..., N], as ref.layers.rms_norm."""
     N = x.shape[-1]
-    wf = _ONES.setdefault(N, np.ones(N, np.float32)) if w is None else w.bits if isinstance(w, Bf16) else to_f32(w)
+    if w is None:
+        wf = _ONES.get(N)
+        if wf is None:
+            wf = _ONES[N] = np.ones(N, np.float32)
+    else:
+        wf = w.bits if isinstance(w, Bf16) else to_f32(w)
     x2 = np.ascontiguousarray(x.reshape(-1, N), np.float32)
     out = np.empty_like(x2)
     _rms_norm(x2, wf, np.float32(eps), out)
@@ -526,7 +531,7 @@ class RingKVCache(KVCache):
             self._slots[i] = np.full(cap, -1, np.int64)
         keys, values, slots = self.keys[i], self.values[i], self._slots[i]
         cap = keys.shape[1]
-        filled = slots >= 0
+        filled = None if T == 1 else slots >= 0
         if T == 1 or not filled.any():
             # attend over what the ring holds plus the new rows; then store the new rows
             if T > 1:  # empty cache, long prompt: attend over the new rows directly
