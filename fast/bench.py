@@ -6,8 +6,9 @@ token for a 512-token prompt, as tokens/s; decode is the time between two of the
 tokens, as ms/token. Both come from the arrival times of the tokens within a `generate` call, after a
 warm-up call: prefill is the best of `--repeats` calls, decode the median gap over all of them. fast's
 compile time (Numba compiling, or loading its cache: `model.compile()`) is reported on its own line and
-never counted. The machine's limits are measured in the same run: float32 GEMM peak (the bound for
-prefill) and memory read bandwidth (decode must stream every weight once per token).
+never counted. The machine's limits are measured in the same run, right before and after each CPU
+backend's timed calls: float32 GEMM peak (the bound for prefill) and memory read bandwidth (decode must
+stream every weight once per token).
 
 For numpy's OpenBLAS to use its best kernels, run it as
 `env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python -m fast.bench` where those are set.
@@ -136,10 +137,19 @@ def _timed(f) -> float:
 
 # ---- backends -----------------------------------------------------------------------------------
 
-def _summary(once, repeats):
+def cpu_limits() -> tuple[float, float]:
+    """(sgemm GFLOP/s, read GB/s) now."""
+    return sgemm_peak(), read_bandwidth()
+
+
+def _summary(once, repeats, read_limits=True):
     """`once() -> token arrival times` run `repeats` times -> (best time to the first token, median gap
-    between later tokens over every run). The median keeps a token that lost its core to another
-    process on a shared machine from counting as the backend's speed; the best prefill does the same."""
+    between later tokens over every run, the CPU's limits). The median keeps a token that lost its core to
+    another process on a shared machine from counting as the backend's speed; the best prefill does the
+    same. The limits are read right before and right after these calls, and the better of each is kept:
+    a shared host's bandwidth moved between 46 and 80 GB/s within minutes, so a reading taken a minute
+    away from a backend's run can put it above 100 %."""
+    before = cpu_limits() if read_limits else None
     prefill, gaps = [], []
     for _ in range(repeats):
         t0, stamps = once()
@@ -147,10 +157,11 @@ def _summary(once, repeats):
             raise RuntimeError(f"the run produced {len(stamps)} tokens; decode needs at least 2")
         prefill.append(stamps[0] - t0)
         gaps += list(np.diff(stamps))
-    return min(prefill), float(np.median(gaps))
+    limits = tuple(map(max, before, cpu_limits())) if read_limits else None
+    return min(prefill), float(np.median(gaps)), limits
 
 
-def run_ours(model, ids, n_decode, repeats):
+def run_ours(model, ids, n_decode, repeats, cpu=True):
     def once():
         stamps: list[float] = []
         t0 = time.perf_counter()
@@ -158,7 +169,7 @@ def run_ours(model, ids, n_decode, repeats):
         return t0, stamps
 
     model.generate(ids, max_new_tokens=2)  # warm-up
-    return _summary(once, repeats)
+    return _summary(once, repeats, read_limits=cpu)
 
 
 def run_hf(path, dtype, device, ids, n_decode, repeats, attn="sdpa"):
@@ -194,7 +205,7 @@ def run_hf(path, dtype, device, ids, n_decode, repeats, attn="sdpa"):
 
     with torch.no_grad():
         model.generate(x, max_new_tokens=2, min_new_tokens=2, do_sample=False)  # warm-up
-    return _summary(once, repeats)
+    return _summary(once, repeats, read_limits=device == "cpu")
 
 
 def main(argv=None) -> int:
@@ -223,19 +234,23 @@ def main(argv=None) -> int:
               f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}")
         print(f"checkpoint: {size / 1e6:.0f} MB bf16, {weights / 1e6:.0f}M parameters in matrices; "
               f"prompt {args.prompt} tokens, {args.decode} decode tokens, best of {args.repeats}")
-        bw, peak, bound = read_bandwidth(), sgemm_peak(), gemm_bound(hf_cfg, args.prompt)
-        print(f"limits measured now: sgemm {peak:.0f} GFLOP/s (2048^3), read bandwidth {bw:.1f} GB/s; "
-              f"the prefill's own GEMMs alone take {bound * 1e3:.0f} ms in float32 BLAS "
-              f"({2 * (weights - head) * args.prompt / bound / 1e9:.0f} GFLOP/s at these shapes)")
+        try:  # torch's thread pool must start before Numba's: with Numba's OpenMP threads started first,
+            import torch  # HF's bf16 prefill ran 2.4x and its decode 4.8x slower (measured), f32 ~5 %
+
+            (torch.ones(64, 64, dtype=torch.bfloat16) @ torch.ones(64, 64, dtype=torch.bfloat16)).sum()
+            (torch.ones(64, 64) @ torch.ones(64, 64)).sum()
+        except ImportError:
+            pass
+        bound = gemm_bound(hf_cfg, args.prompt)
         # the head runs on the last position only; attention's products are counted as the mask allows
         flops = 2 * (weights - head) * args.prompt + 2 * head + attention_flops(hf_cfg, args.prompt)
 
-        def record(name, prefill, decode, bytes_per_weight, gpu_bw=None):
+        def record(name, prefill, decode, limits, bytes_per_weight, gpu_bw=None):
             cpu = gpu_bw is None  # GPU rows: no CPU prefill limits; decode against the GPU's read bandwidth
+            peak, bw = limits if cpu else (float("nan"), gpu_bw)
             rows.append({"backend": name, "cpu": cpu, "prefill_tok_s": args.prompt / prefill, "decode_ms": decode * 1e3,
-                         "prefill_of_peak": flops / prefill / 1e9 / peak if cpu else float("nan"),
-                         "prefill_of_gemm": bound / prefill if cpu else float("nan"),
-                         "decode_of_bw": weights * bytes_per_weight / decode / 1e9 / (bw if cpu else gpu_bw)})
+                         "peak_gflops": peak, "read_gbs": bw, "prefill_of_peak": flops / prefill / 1e9 / peak,
+                         "prefill_s": prefill, "decode_of_bw": weights * bytes_per_weight / decode / 1e9 / bw})
 
         try:
             import torch
@@ -271,38 +286,34 @@ def main(argv=None) -> int:
 
                 model = fast.load_model(path, device="gpu")
                 print(f"fast gpu: kernels compiled in {model.compile():.1f} s, not counted")
-                record("fast (cupy + numba-cuda, gpu)", *run_ours(model, ids, args.decode, args.repeats), 2, gbw)
+                record("fast (cupy + numba-cuda, gpu)", *run_ours(model, ids, args.decode, args.repeats, cpu=False),
+                       2, gbw)
 
-        # a shared host's bandwidth and clock move with its other tenants: measure again after the runs and
-        # hold every CPU row to the better of the two readings (the stricter limit)
-        bw2, peak2, bound2 = read_bandwidth(), sgemm_peak(), gemm_bound(hf_cfg, args.prompt)
-        print(f"limits measured again after the runs: sgemm {peak2:.0f} GFLOP/s, read bandwidth {bw2:.1f} GB/s, "
-              f"the prefill's GEMMs {bound2 * 1e3:.0f} ms; the table uses {max(peak, peak2):.0f} GFLOP/s, "
-              f"{max(bw, bw2):.1f} GB/s and {min(bound, bound2) * 1e3:.0f} ms")
+        bound = min(bound, gemm_bound(hf_cfg, args.prompt))  # again after the runs: the faster reading
         for r in rows:
-            if r["cpu"]:
-                r["prefill_of_peak"] *= peak / max(peak, peak2)
-                r["decode_of_bw"] *= bw / max(bw, bw2)
-                r["prefill_of_gemm"] *= min(bound, bound2) / bound
-        peak, bw, bound = max(peak, peak2), max(bw, bw2), min(bound, bound2)
+            r["prefill_of_gemm"] = bound / r.pop("prefill_s") if r["cpu"] else float("nan")
+        print(f"the prefill's own GEMMs alone take {bound * 1e3:.0f} ms in float32 BLAS "
+              f"({2 * (weights - head) * args.prompt / bound / 1e9:.0f} GFLOP/s at these shapes; the faster of a "
+              f"reading before and after the runs)")
 
     hf_rows = [r for r in rows if r["backend"].startswith("HF")]
     best_pre = max((r["prefill_tok_s"] for r in hf_rows), default=None)
     best_dec = min((r["decode_ms"] for r in hf_rows), default=None)
     print(f"\n{'backend':34} {'prefill tok/s':>13} {'x best HF':>9} {'of peak':>8} {'of GEMMs':>8} "
-          f"{'decode ms/tok':>13} {'x best HF':>9} {'of bw':>6}")
+          f"{'decode ms/tok':>13} {'x best HF':>9} {'of bw':>6} {'peak':>6} {'bw':>5}")
     for r in rows:
         rp = f"{r['prefill_tok_s'] / best_pre:.2f}" if best_pre else "-"
         rd = f"{best_dec / r['decode_ms']:.2f}" if best_dec else "-"
         print(f"{r['backend']:34} {r['prefill_tok_s']:13.0f} {rp:>9} {r['prefill_of_peak']:8.0%} "
-              f"{r['prefill_of_gemm']:8.0%} {r['decode_ms']:13.1f} {rd:>9} {r['decode_of_bw']:6.0%}")
+              f"{r['prefill_of_gemm']:8.0%} {r['decode_ms']:13.1f} {rd:>9} {r['decode_of_bw']:6.0%} "
+              f"{r['peak_gflops']:6.0f} {r['read_gbs']:5.1f}")
     print("x best HF: speed relative to the fastest HF mode in this run (>1 is faster); of peak: prefill FLOP/s "
           "(decoder matrices, the head on one position, attention over the visible pairs) over the 2048^3 "
           "sgemm peak; of GEMMs: the float32 BLAS time of the prefill's own GEMMs over the prefill time; "
-          "of bw: weight bytes per token over the read bandwidth")
+          "of bw: weight bytes per token over the read bandwidth; peak (GFLOP/s), bw (GB/s): the limits read "
+          "right before and after that row's timed calls, the better of each")
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "sgemm_gflops": peak, "read_gbs": bw, "gemm_bound_s": bound},
-                                        indent=1))
+        args.json.write_text(json.dumps({"rows": rows, "gemm_bound_s": bound}, indent=1))
     return 0
 
 

@@ -45,6 +45,17 @@ def test_matmul_matches_ref_linear(m, n_in, n_out, bf16, seed):
     close(cpu.linear(x, w), REF.linear(x, w))
 
 
+@pytest.mark.parametrize("out_rows", [3, 22, 37])
+def test_gemv_with_a_row_of_x_wider_than_l1(out_rows):
+    """One token through a matrix wider than cpu.WIDE_IN (the 12B model's down_proj is 15360 wide): the
+    four-rows-at-a-time path, and the rows a block has left over."""
+    rng = np.random.default_rng(out_rows)
+    n_in = cpu.WIDE_IN + 9
+    x = rng.normal(size=(1, n_in)).astype(np.float32)
+    w = Bf16(f32_to_bf16(rng.normal(size=(out_rows, n_in)).astype(np.float32)))
+    close(cpu.linear(x, w), REF.linear(x, w))
+
+
 @SETTINGS
 @given(rows=st.integers(1, 30), n=st.integers(1, 200), scale=st.sampled_from([None, "f32", "bf16"]),
        seed=st.integers(0, 999))
