@@ -6,8 +6,8 @@ product and sum is float32. Prefill GEMMs upcast a block of weight rows into a s
 BLAS, which beats a Numba GEMM at every size we measured (fast/bench.py); decode (few rows of x) uses a
 Numba GEMV that reads each weight once for all rows.
 
-Each parallel loop runs over a "program id" (an output row block, or one (batch, head, query) triple),
-the same decomposition the GPU kernels in fast/gpu.py use, so their indexing reads the same.
+Each parallel loop runs over a "program id": a block of output rows for the GEMV, one (batch row, key
+chunk) for decode attention. Prefill attention is BLAS tiles with a compiled softmax between them.
 """
 
 from __future__ import annotations
@@ -482,7 +482,7 @@ MIN_KEY_CHUNK = 32  # keys per decode program at least
 def decode_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, spec, key_chunk: int | None = None,
                      parallel: bool | None = None) -> np.ndarray:
     """q [B, T, H, Dh], k/v [B, S, K, Dh], MaskSpec -> [B, T, H, Dh] through the split-key kernels, for a
-    few queries. key_chunk None: two chunks per thread and batch row; parallel None: by the work."""
+    few queries. key_chunk None: about two programs per thread in all; parallel None: by the work."""
     B, T, H, Dh = q.shape
     S = k.shape[1]
     if parallel is None:
