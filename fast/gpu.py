@@ -7,8 +7,8 @@ unless CUPY_TF32=1, so products stay float32); decode uses a GEMV kernel that re
 Without a GPU the same module runs on NumPy arrays with Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1):
 that is how CI checks the kernels' indexing and the data flow. Only `as_f32` differs between the two,
 because the simulator has no libdevice. A block computes a row of the output for GEMV and RMSNorm, and
-one (batch, head, query) for decode attention (its threads split the keys); prefill attention runs a
-thread per query.
+one (batch, head, query) for attention (its threads split the keys); prompts too long for its scratch
+run a thread per query.
 
 Status: written and checked under the simulator; not yet run or timed on a GPU (see README).
 """
@@ -125,7 +125,7 @@ def _attention(q, k, v, q_idx, k_idx, key_ok, q_block, k_block, mode, window, ou
 
 
 @cuda.jit
-def _decode_attention(q, k, v, mask, scratch, out):
+def _block_attention(q, k, v, mask, scratch, out):
     """Block = one (b, h, t) query; its threads split the keys. Three steps with block-wide reductions
     in shared memory: every thread scores its keys (visible ones, from ref's dense mask [B, T, S]) into
     scratch [B*H*T, S] and the block takes the max; each thread turns its scores into exp(score - max)
@@ -223,19 +223,26 @@ def query_attention(q, k, v, spec):
     return out
 
 
-def decode_attention(q, k, v, spec):
-    """One block per (b, h, t) query, its threads splitting the keys (a few queries: decode). The mask is
-    ref's, [B, T, S] bool, built on the host and uploaded (T x S bytes)."""
+def block_attention(q, k, v, spec):
+    """One block per (b, h, t) query, its threads splitting the keys. The mask is ref's, [B, T, S] bool,
+    built on the host and uploaded; the scores take B x H x T x S floats of device scratch."""
     B, T, H, _ = q.shape
     out = xp.empty(q.shape, xp.float32)
     scratch = xp.empty((B * H * T, k.shape[1]), xp.float32)
-    _decode_attention[B * H * T, THREADS](_dev(q), _dev(k), _dev(v), _dev(spec.dense(), xp.bool_), scratch, out)
+    _block_attention[B * H * T, THREADS](_dev(q), _dev(k), _dev(v), _dev(spec.dense(), xp.bool_), scratch, out)
     return out
 
 
+BLOCK_ATTENTION_MAX = 1 << 26  # scratch floats (256 MB) up to which attention runs a block per query
+
+
 def attention(q, k, v, spec):
-    """q [B, T, H, Dh], k/v [B, S, K, Dh], MaskSpec -> [B, T, H, Dh]."""
-    return decode_attention(q, k, v, spec) if q.shape[1] <= GEMV_MAX_M else query_attention(q, k, v, spec)
+    """q [B, T, H, Dh], k/v [B, S, K, Dh], MaskSpec -> [B, T, H, Dh]: a block per query (decode, and
+    prompts whose scores fit the scratch), else a thread per query (long prompts)."""
+    B, T, H, _ = q.shape
+    if B * H * T * k.shape[1] <= BLOCK_ATTENTION_MAX:
+        return block_attention(q, k, v, spec)
+    return query_attention(q, k, v, spec)
 
 
 def mlp(h, p):

@@ -53,7 +53,7 @@ def main() -> int:
             block[:, 2:5] = 0
             spec = MaskSpec(cfg, kind, np.arange(past, past + t), np.arange(past + t), key_ok, block[:, past:], block)
             want = REF.attention(q, k, v, spec)  # some rows see no key (padding): the mean of the values
-            check(f"attention {bidir}/{kind}", gpu.decode_attention(q, k, v, spec), want)
+            check(f"attention {bidir}/{kind}", gpu.block_attention(q, k, v, spec), want)
             check(f"query attention {bidir}/{kind}", gpu.query_attention(q, k, v, spec), want)
 
     hf = tiny_hf_dict(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
