@@ -272,3 +272,28 @@ def test_exp32_is_as_accurate_as_numpy():
     assert np.max(np.abs(exps(x) - want) / want) < 1.5e-7
     edges = exps(np.array([0, -np.inf, -87.01, -1000], np.float32))
     assert edges[0] == 1 and not edges[1:].any()
+
+
+def test_blas_threads_parked_at_the_first_gemv_after_a_prefill():
+    """After BLAS work the next GEMV lets OpenBLAS's spinning worker threads exit (they took cores from the
+    GEMV's threads), and BLAS products after that start them again and still compute the same numbers."""
+    import os
+
+    if cpu._BLAS_SHUTDOWN is None:
+        pytest.skip("numpy here does not use OpenBLAS, so there is no worker pool to park")
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("one core: OpenBLAS starts no worker threads")
+    rng = np.random.default_rng(0)
+    w = Bf16(f32_to_bf16(rng.normal(size=(1024, 1024)).astype(np.float32)))
+    x = rng.normal(size=(256, 1024)).astype(np.float32)
+    want, want_1 = REF.linear(x, w), REF.linear(x[:1], w)  # numpy products: computed before counting
+    threads = lambda: len(os.listdir("/proc/self/task"))  # noqa: E731
+    cpu.matmul(x[:1], w)  # the GEMV's own threads exist from here on
+    for _ in range(2):
+        got = cpu.matmul(x, w)  # BLAS, its workers running
+        assert cpu._BLAS_RAN[0]
+        running = threads()
+        got_1 = cpu.matmul(x[:1], w)  # parks them first
+        assert not cpu._BLAS_RAN[0] and threads() < running
+        close(got, want)
+        close(got_1, want_1)
