@@ -106,7 +106,7 @@ def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
     read_all(a[:64])
     probes = [min(_timed(lambda: read_all(a)) for _ in range(repeats)),
               min(_timed(lambda: a.sum()) for _ in range(repeats))]
-    del a
+    a = None  # free the gigabyte before allocating the next
     w = np.full((nbytes // 2048, 1024), 0x3F80, np.uint16)
     x, y = np.ones((1, 1024), np.float32), np.empty((1, w.shape[0]), np.float32)
     _gemv_bf16(x, w[:64], y[:, :64])

@@ -431,7 +431,10 @@ def dense_mask(spec) -> np.ndarray | None:
     return dense
 
 
-TILED_MIN_QUERIES = 16  # from this many queries on, BLAS tiles beat the per-query kernel
+# Above this many queries, attention runs in BLAS tiles; at or below it, the split-key kernels. Alone,
+# tiles win from ~4 queries (8 queries x 520 keys: 192 vs 261 us), but between decode GEMVs they would
+# wake OpenBLAS's threads, which then spin against the GEMV's; decode steps are 1 query.
+TILED_MIN_QUERIES = 16
 PARALLEL_ATTENTION_WORK = 1 << 18  # query-key pairs x head dim above which two threads pay off
 
 
