@@ -385,7 +385,7 @@ def _decode_parallel(q, k, v, mask, chunk, part_m, part_l, part_acc):
 
 @nb.njit(fastmath=FM, cache=True)
 def _combine(v, part_m, part_l, part_acc, out):
-    """Merge the chunks of `_decode_attention` into out [B, T, H, Dh]: rescale each chunk to the overall
+    """Merge the chunks of `_decode_program` into out [B, T, H, Dh]: rescale each chunk to the overall
     max. A query that sees no key gets the mean of all values, as ref and HF."""
     B, C, T, H = part_m.shape
     S, K, Dh = v.shape[1], v.shape[2], v.shape[3]
@@ -412,23 +412,15 @@ def _combine(v, part_m, part_l, part_acc, out):
                 o /= den
 
 
-MASK_CACHE_MAX = 1 << 24  # cache a layer kind's dense mask up to this many query-key pairs
-_MASKS: list = []  # (MaskSpec, its dense mask) of the latest forward passes
+MASK_CACHE_MAX = 1 << 24  # query-key pairs up to which a layer kind's whole mask is built (and kept)
 
 
 def dense_mask(spec) -> np.ndarray | None:
-    """The dense [B, T, S] mask of a MaskSpec, computed once: every layer of a kind gets the same
-    MaskSpec object within a forward pass. None when the mask is too large to keep (long prefills:
-    the tiled kernel then builds it a tile at a time)."""
-    for cached, dense in _MASKS:
-        if cached is spec:
-            return dense
+    """spec.dense() [B, T, S] (built once per MaskSpec, which every layer of a kind shares within a forward
+    pass), or None when larger than MASK_CACHE_MAX pairs: long prefills build it a tile at a time."""
     if spec.key_ok.shape[0] * len(spec.q_idx) * len(spec.k_idx) > MASK_CACHE_MAX:
         return None
-    dense = np.ascontiguousarray(spec.dense())
-    _MASKS.insert(0, (spec, dense))
-    del _MASKS[2:]  # one per layer kind
-    return dense
+    return spec.dense()
 
 
 # Above this many queries, attention runs in BLAS tiles; at or below it, the split-key kernels. Alone,
@@ -468,9 +460,9 @@ def _softmax_tile(p, mask, G, m, den, scale):
 def tiled_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, spec, tile: int = 128,
                     key_tile: int = 512) -> np.ndarray:
     """Prefill attention through BLAS, `tile` queries at a time against `key_tile` keys at a time, with an
-    online softmax across key tiles: memory O(tile x key_tile), never T x S. Only the span of keys that
-    some query of the tile can see is visited (the window and causality bound it), and the mask is
-    applied only to key tiles it does not fully open. q [B, T, H, Dh], k/v [B, S, K, Dh], MaskSpec
+    online softmax across key tiles: memory O(tile x key_tile), never T x S (beyond a mask of at most
+    MASK_CACHE_MAX pairs). Only the span of keys that some query of the tile can see is visited (the
+    window and causality bound it); key tiles the mask closes entirely are skipped. q [B, T, H, Dh], k/v [B, S, K, Dh], MaskSpec
     -> [B, T, H, Dh]. The sizes are the fastest measured on a 2-core Zen 5 (512 and 2048 tokens)."""
     B, T, H, Dh = q.shape
     K = k.shape[2]
@@ -532,8 +524,7 @@ def decode_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, spec, key_chun
     part_acc = np.empty((B, C, T, H, Dh), np.float32)
     c = np.ascontiguousarray
     v = c(v, np.float32)
-    mask = dense_mask(spec)
-    mask = c(spec.dense()) if mask is None else mask
+    mask = c(spec.dense())  # a few queries: small even where a prefill's would not be kept
     (_decode_parallel if parallel else _decode_serial)(c(q, np.float32), c(k, np.float32), v, mask, key_chunk,
                                                        part_m, part_l, part_acc)
     out = np.empty(q.shape, np.float32)

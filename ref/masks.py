@@ -12,6 +12,7 @@ in the sequence (not their RoPE position), so the same function serves prefill a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -63,5 +64,10 @@ class MaskSpec:
     k_block: np.ndarray  # [B, S]
 
     def dense(self) -> np.ndarray:
-        """-> [B, T, S] bool."""
+        """-> [B, T, S] bool, built on the first call and kept: within a forward pass every layer of a kind
+        shares one MaskSpec. Shared, so callers only read it."""
+        return self._dense
+
+    @cached_property
+    def _dense(self) -> np.ndarray:
         return layer_mask(self.cfg, self.kind, self.q_idx, self.k_idx, self.key_ok, self.q_block, self.k_block)

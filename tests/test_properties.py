@@ -108,6 +108,22 @@ configs = st.fixed_dictionaries({
 })
 
 
+
+def test_a_mask_spec_builds_its_dense_mask_once():
+    """Every layer of a kind shares one MaskSpec per forward pass, so its [B, T, S] mask is built on the
+    first call and the same array is returned after; it equals layer_mask computed afresh."""
+    from ref.config import from_hf_dict
+    from ref.masks import MaskSpec, layer_mask
+
+    cfg = from_hf_dict(tiny_hf_dict(sliding_window=3))
+    key_ok = np.array([[False, True, True, True, True, True]])
+    block = np.array([[-1, -1, 0, 0, 0, -1]])
+    args = (cfg, SLIDING, np.arange(2, 6), np.arange(6), key_ok, block[:, 2:], block)
+    spec = MaskSpec(*args)
+    first = spec.dense()
+    assert spec.dense() is first
+    np.testing.assert_array_equal(first, layer_mask(*args))
+
 @settings(deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(c=configs, prompt_len=st.integers(2, 24), image=st.booleans(), pad=st.integers(0, 5), seed=st.integers(0, 999))
 def test_cached_generation_equals_recomputation(tmp_path_factory, c, prompt_len, image, pad, seed):
