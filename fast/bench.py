@@ -66,6 +66,13 @@ def attention_flops(hf: dict, tokens: int) -> int:
     return total
 
 
+def prefill_flops(hf: dict, tokens: int) -> int:
+    """FLOPs of a `tokens`-token prefill: every decoder matrix on every token, the output head on the last
+    position only, attention's products over the visible pairs (`attention_flops`)."""
+    weights, head = decoder_weight_counts(hf)
+    return 2 * (weights - head) * tokens + 2 * head + attention_flops(hf, tokens)
+
+
 # ---- machine limits -----------------------------------------------------------------------------
 
 def sgemm_peak(n: int = 2048, repeats: int = 3) -> float:
@@ -234,16 +241,19 @@ def main(argv=None) -> int:
               f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}")
         print(f"checkpoint: {size / 1e6:.0f} MB bf16, {weights / 1e6:.0f}M parameters in matrices; "
               f"prompt {args.prompt} tokens, {args.decode} decode tokens, best of {args.repeats}")
-        try:  # torch's thread pool must start before Numba's: with Numba's OpenMP threads started first,
-            import torch  # HF's bf16 prefill ran 2.4x and its decode 4.8x slower (measured), f32 ~5 %
+        try:
+            import torch
 
-            (torch.ones(64, 64, dtype=torch.bfloat16) @ torch.ones(64, 64, dtype=torch.bfloat16)).sum()
-            (torch.ones(64, 64) @ torch.ones(64, 64)).sum()
+            have_torch = True
+            # torch's thread pool must start before Numba's: with Numba's OpenMP threads started first,
+            # HF's bf16 prefill ran 2.4x and its decode 4.8x slower (measured), float32 ~5 %
+            for dtype in (torch.bfloat16, torch.float32):
+                (torch.ones(64, 64, dtype=dtype) @ torch.ones(64, 64, dtype=dtype)).sum()
         except ImportError:
-            pass
+            have_torch = False
+            print("HF transformers: not installed (pip install '.[interop]'); its rows are missing")
         bound = gemm_bound(hf_cfg, args.prompt)
-        # the head runs on the last position only; attention's products are counted as the mask allows
-        flops = 2 * (weights - head) * args.prompt + 2 * head + attention_flops(hf_cfg, args.prompt)
+        flops = prefill_flops(hf_cfg, args.prompt)
 
         def record(name, prefill, decode, limits, bytes_per_weight, gpu_bw=None):
             cpu = gpu_bw is None  # GPU rows: no CPU prefill limits; decode against the GPU's read bandwidth
@@ -252,13 +262,6 @@ def main(argv=None) -> int:
                          "peak_gflops": peak, "read_gbs": bw, "prefill_of_peak": flops / prefill / 1e9 / peak,
                          "prefill_s": prefill, "decode_of_bw": weights * bytes_per_weight / decode / 1e9 / bw})
 
-        try:
-            import torch
-
-            have_torch = True
-        except ImportError:
-            have_torch = False
-            print("HF transformers: not installed (pip install '.[interop]'); its rows are missing")
         if have_torch:
             if "hf-f32" not in skip:
                 record("HF transformers f32 (cpu)", *run_hf(path, torch.float32, "cpu", ids, args.decode,

@@ -32,9 +32,10 @@ from ref.decoder import decoder_forward  # noqa: E402
 from ref.tiny import write_large_bf16_checkpoint  # noqa: E402
 
 
-def run_steps(model, prompt: int, decode: int) -> dict:
+def run_steps(model, prompt: int, decode: int, between=None) -> dict:
     """One prefill of `prompt` tokens and `decode` single-token steps -> seconds per layer and for the
-    head: {"prefill": ([layer s...], head s), "decode": ([median layer s...], median head s)}."""
+    head: {"prefill": ([layer s...], head s), "decode": ([median layer s...], median head s)}.
+    `between()`, if given, runs after the prefill and before the first step."""
     cfg = model.config
     rng = np.random.default_rng(0)
     ids = rng.integers(3, cfg.vocab_size, (1, prompt))
@@ -57,6 +58,8 @@ def run_steps(model, prompt: int, decode: int) -> dict:
 
     layers, head, nxt = step(model.embed(ids), np.arange(prompt)[None], np.ones((1, prompt), bool), block)
     out = {"prefill": (layers, head)}
+    if between is not None:
+        between()
     per_layer, heads = [], []
     for i in range(decode):
         layers, h, nxt = step(model.embed(np.array([[nxt]])), np.array([[prompt + i]]), np.ones((1, 1), bool),
@@ -93,23 +96,23 @@ def main(argv=None) -> int:
             print("fast: not installed (pip install '.[fast]')")
         read_limits = None
         if len(backends) > 1:  # the machine's limits, read as fast.bench reads them
-            from fast.bench import attention_flops, cpu_limits, decoder_weight_counts
+            from fast.bench import cpu_limits, decoder_weight_counts, prefill_flops
 
-            weights, head_params = decoder_weight_counts(gemma4_12b_hf_dict())
-            flops = 2 * (weights - head_params) * args.prompt + 2 * head_params + \
-                attention_flops(gemma4_12b_hf_dict(), args.prompt)
+            weights, _ = decoder_weight_counts(gemma4_12b_hf_dict())
+            flops = prefill_flops(gemma4_12b_hf_dict(), args.prompt)
             read_limits = cpu_limits
             print(f"the real model: {flops / 1e12:.2f} TFLOP for this prefill (attention counted as causal), "
                   f"{2 * weights / 1e9:.1f} GB of bf16 weights read per decoded token; the limits are read right "
-                  f"before and after each backend's steps, the better of each")
+                  f"before and after each phase (prefill, decode steps), the better of each")
         print(f"\n{'':16} {'sliding ms':>11} {'global ms':>10} {'head ms':>8} {'48 layers + head':>17}")
         for name, load in backends:
             model = load(path)
             run_steps(model, 32, 2)  # map the weights in, and compile (or load Numba's cache) for fast
-            before = read_limits() if read_limits else None
-            r = run_steps(model, args.prompt, args.decode)
-            limits = tuple(map(max, before, read_limits())) if read_limits else None
-            for phase in ("prefill", "decode"):
+            readings = [read_limits()] if read_limits else []  # before, between and after the phases
+            r = run_steps(model, args.prompt, args.decode, (lambda: readings.append(read_limits())) if read_limits else None)
+            readings += [read_limits()] if read_limits else []
+            for i, phase in enumerate(("prefill", "decode")):
+                limits = tuple(map(max, readings[i], readings[i + 1])) if read_limits else None
                 (sliding, full), head = r[phase]
                 total = counts[SLIDING] * sliding + counts[FULL] * full + head
                 rate = (f"{total:6.1f} s = {args.prompt / total:.1f} tok/s" if phase == "prefill"
