@@ -213,7 +213,7 @@ def apply_rope(x, cos, sin):
 
 
 def query_attention(q, k, v, spec):
-    """One thread per (b, h, t) query over every key (prefill)."""
+    """One thread per (b, h, t) query over every key: prompts too long for block_attention's scratch."""
     out = xp.empty(q.shape, xp.float32)
     n = q.shape[0] * q.shape[1] * q.shape[2]
     _attention[(n + THREADS - 1) // THREADS, THREADS](
