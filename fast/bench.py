@@ -116,8 +116,8 @@ def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
     a = None  # free the gigabyte before allocating the next
     w = np.full((nbytes // 2048, 1024), 0x3F80, np.uint16)
     x, y = np.ones((1, 1024), np.float32), np.empty((1, w.shape[0]), np.float32)
-    _gemv_bf16(x, w[:64], y[:, :64])
-    probes.append(min(_timed(lambda: _gemv_bf16(x, w, y)) for _ in range(repeats)))
+    _gemv_bf16(x, (w[:64],), y[:, :64])
+    probes.append(min(_timed(lambda: _gemv_bf16(x, (w,), y)) for _ in range(repeats)))
     return nbytes / min(probes) / 1e9
 
 

@@ -245,6 +245,11 @@ def attention(q, k, v, spec):
     return query_attention(q, k, v, spec)
 
 
+def linears(x, ws, bs):
+    """As ref.decoder.linears: one product each (a GEMV launch per matrix costs microseconds on a GPU)."""
+    return [linear(x, w, b) for w, b in zip(ws, bs)]
+
+
 def mlp(h, p):
     h2 = _dev(h.reshape(-1, h.shape[-1]), xp.float32)
     g = gelu_tanh(matmul(h2, p.gate_proj.weight)) * matmul(h2, p.up_proj.weight)
@@ -259,8 +264,8 @@ def lm_head(h, table, cap):
     return logits if xp is np else xp.asnumpy(logits)
 
 
-KERNELS = Kernels(linear=linear, rms_norm=rms_norm, apply_rope=apply_rope, attention=attention, mlp=mlp,
-                  lm_head=lm_head)
+KERNELS = Kernels(linear=linear, linears=linears, rms_norm=rms_norm, apply_rope=apply_rope, attention=attention,
+                  mlp=mlp, lm_head=lm_head)
 
 
 def to_device(tree):

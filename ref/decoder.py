@@ -28,6 +28,12 @@ def masked_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: MaskSpec
     return attention(q, k, v, mask.dense())
 
 
+def linears(x: np.ndarray, ws: list, bs: list) -> list[np.ndarray]:
+    """x [..., In], matrices ws[i] [Out_i, In], biases bs[i] [Out_i] | None -> [x ws[i]^T + bs[i]], each
+    [..., Out_i]: the projections of one input (q, k, v), one after another here."""
+    return [linear(x, w, b) for w, b in zip(ws, bs)]
+
+
 def mlp(h: np.ndarray, p) -> np.ndarray:
     """[B, T, D] -> [B, T, D]: down(gelu(gate h) * up h)."""
     return linear(gelu_tanh(linear(h, p.gate_proj.weight)) * linear(h, p.up_proj.weight), p.down_proj.weight)
@@ -49,6 +55,7 @@ class Kernels:
     layer logic below stays the single source of truth."""
 
     linear: Callable = linear  # x [..., In], w [Out, In], b [Out] | None -> [..., Out]
+    linears: Callable = linears  # x [..., In], [w_i [Out_i, In]], [b_i [Out_i] | None] -> [[..., Out_i]]
     rms_norm: Callable = rms_norm  # x [..., N], w [N] | None, eps -> [..., N]
     apply_rope: Callable = apply_rope  # x [B, T, N, Dh], cos, sin [B, T, Dh] -> [B, T, N, Dh]
     attention: Callable = masked_attention  # q [B, T, H, Dh], k, v [B, S, K, Dh], MaskSpec -> [B, T, H, Dh]
@@ -97,13 +104,13 @@ class KVCache:
 def qkv(h: np.ndarray, p, spec: LayerSpec, cfg: Config, cos, sin, shared: bool, kern: Kernels = REF):
     """Step 2. h [B, T, D] -> q [B, T, H, Dh] and, unless KV-shared, k, v [B, T, K, Dh]."""
     B, T, _ = h.shape
-    bias = (lambda name: p[name].bias) if cfg.attention_bias else (lambda name: None)
-    q = kern.linear(h, p.q_proj.weight, bias("q_proj")).reshape(B, T, -1, spec.head_dim)
-    q = kern.apply_rope(kern.rms_norm(q, p.q_norm.weight, cfg.rms_norm_eps), cos, sin)
+    names = ["q_proj"] if shared else ["q_proj", "k_proj"] if spec.k_eq_v else ["q_proj", "k_proj", "v_proj"]
+    proj = kern.linears(h, [p[n].weight for n in names], [p[n].bias if cfg.attention_bias else None for n in names])
+    proj = [y.reshape(B, T, -1, spec.head_dim) for y in proj]
+    q = kern.apply_rope(kern.rms_norm(proj[0], p.q_norm.weight, cfg.rms_norm_eps), cos, sin)
     if shared:
         return q, None, None
-    k = kern.linear(h, p.k_proj.weight, bias("k_proj")).reshape(B, T, -1, spec.head_dim)
-    v = k if spec.k_eq_v else kern.linear(h, p.v_proj.weight, bias("v_proj")).reshape(B, T, -1, spec.head_dim)
+    k, v = proj[1], proj[-1]  # k_eq_v: v is k's projection, taken before k_norm and RoPE
     k = kern.apply_rope(kern.rms_norm(k, p.k_norm.weight, cfg.rms_norm_eps), cos, sin)
     v = kern.rms_norm(v, None, cfg.rms_norm_eps)
     return q, k, v

@@ -45,6 +45,48 @@ def test_matmul_matches_ref_linear(m, n_in, n_out, bf16, seed):
     close(cpu.linear(x, w), REF.linear(x, w))
 
 
+def _weight(rng, rows, cols, kind):
+    """A random [rows, cols] matrix stored as `kind`: bf16 read-only (as a checkpoint's memory map), bf16
+    writable, or float32."""
+    w = rng.normal(size=(rows, cols)).astype(np.float32)
+    if kind == "f32":
+        return w
+    bits = f32_to_bf16(w)
+    bits.flags.writeable = kind == "bf16-writable"
+    return Bf16(bits)
+
+
+@SETTINGS
+@given(m=st.integers(1, 12), n_in=st.integers(1, 200), outs=st.lists(st.integers(1, 70), min_size=1, max_size=3),
+       kinds=st.lists(st.sampled_from(["bf16", "bf16-writable", "f32"]), min_size=3, max_size=3),
+       bias=st.booleans(), seed=st.integers(0, 999))
+def test_linears_match_ref(m, n_in, outs, kinds, bias, seed):
+    """The projections of one input (q, k, v): matrices of different heights side by side in one GEMV
+    pass (m <= GEMV_MAX_M, all bf16), or one product each; writable and read-only bits mixed; biases."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(2, m, n_in)).astype(np.float32)
+    ws = [_weight(rng, n, n_in, kind) for n, kind in zip(outs, kinds)]
+    bs = [rng.normal(size=n).astype(np.float32) if bias else None for n in outs]
+    got, want = cpu.linears(x, ws, bs), REF.linears(x, ws, bs)
+    assert len(got) == len(want) == len(ws)
+    for g, w in zip(got, want):
+        close(g, w)
+
+
+def test_linears_of_bf16_matrices_stream_in_one_pass(monkeypatch):
+    """q, k and v for one token: one GEMV launch over all three, each output in its own columns."""
+    rng = np.random.default_rng(5)
+    ws = [_weight(rng, n, 48, "bf16") for n in (32, 8, 16)]
+    x = rng.normal(size=(1, 1, 48)).astype(np.float32)
+    calls = []
+    gemv = cpu._gemv_bf16
+    monkeypatch.setattr(cpu, "_gemv_bf16", lambda x2, bits, out: (calls.append(len(bits)), gemv(x2, bits, out)))
+    got = cpu.linears(x, ws, [None] * 3)
+    assert calls == [3]
+    for g, w in zip(got, REF.linears(x, ws, [None] * 3)):
+        close(g, w)
+
+
 @pytest.mark.parametrize("out_rows", [3, 22, 37])
 def test_gemv_with_a_row_of_x_wider_than_l1(out_rows):
     """One token through a matrix wider than cpu.WIDE_IN (the 12B model's down_proj is 15360 wide): the
