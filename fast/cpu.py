@@ -210,14 +210,23 @@ def matmuls(x2: np.ndarray, ws: list) -> list[np.ndarray]:
     measured), returned as column views. Otherwise one product each: stacking gains nothing in BLAS."""
     if x2.shape[0] > GEMV_MAX_M or len(ws) == 1 or not all(isinstance(w, Bf16) for w in ws):
         return [matmul(x2, w) for w in ws]
-    bits = []
-    for w in ws:  # one Numba type for the tuple: read-only (as a checkpoint's memory map is), C order
-        b = np.ascontiguousarray(w.bits).view()
-        b.flags.writeable = False
-        bits.append(b)
-    out = _gemv(x2, tuple(bits))
-    edges = np.cumsum([0] + [b.shape[0] for b in bits])
-    return [out[:, lo:hi] for lo, hi in zip(edges[:-1], edges[1:])]
+    bits = tuple(_read_only(w.bits) for w in ws)
+    out, lo = _gemv(x2, bits), 0
+    views = []
+    for b in bits:
+        views.append(out[:, lo:lo + b.shape[0]])
+        lo += b.shape[0]
+    return views
+
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+    """a as a read-only C-ordered array (a checkpoint's memory map already is): the one Numba type that
+    the matrices of a GEMV tuple must share."""
+    if a.flags.c_contiguous and not a.flags.writeable:
+        return a
+    a = np.ascontiguousarray(a).view()
+    a.flags.writeable = False
+    return a
 
 
 _SCRATCH = [np.empty(0, np.float32)]
