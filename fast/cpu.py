@@ -4,7 +4,8 @@ Weights stay as stored: a bf16 matrix is read as its uint16 bits and upcast exac
 (`bits << 16` is the float32 value), so decoding streams half the bytes of a float32 model while every
 product and sum is float32. Prefill GEMMs upcast a block of weight rows into a scratch buffer and call
 BLAS, which beats a Numba GEMM at every size we measured (fast/bench.py); decode (few rows of x) uses a
-Numba GEMV that reads each weight once for all rows.
+Numba GEMV that reads each weight once for all rows, and the projections of one input (q, k, v; gate,
+up) in one pass.
 
 Each parallel loop runs over a "program id": a block of output rows for the GEMV, one (batch row, key
 chunk) for decode attention. Prefill attention is BLAS tiles with a compiled softmax between them.
