@@ -72,7 +72,7 @@ def generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 0.
         out.append(nxt)
         if on_token is not None:
             on_token(nxt)
-        done |= np.isin(nxt, eos)
+        done |= (nxt[:, None] == eos).any(axis=1)
         if done.all() or step == max_new_tokens - 1:
             break
         new_pos = positions[:, -1:] + 1
