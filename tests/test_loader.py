@@ -172,3 +172,24 @@ def test_kv_sharing_needs_a_source_of_each_type():
     with pytest.raises(ref.ConfigError) as e:
         from_hf_dict(tiny_hf_dict(num_hidden_layers=8, num_kv_shared_layers=3))
     assert "KV-shared layer" in _one_line(e)
+
+
+def test_params_read_as_attributes_and_as_keys(ckpt):
+    """The nested parameter tree: attributes and keys give the same objects; a missing name is an
+    AttributeError (so hasattr works), not a KeyError; a copy through pickle keeps both views."""
+    import pickle
+
+    from ref.weights import Params, nest
+
+    p = nest({"model.language_model.layers.1.mlp.up_proj.weight": 1, "model.language_model.norm.weight": 2})
+    layer = p.language_model.layers[1]
+    assert isinstance(layer, Params) and p.language_model.layers[0] is None
+    assert layer.mlp.up_proj.weight == p["language_model"]["layers"][1]["mlp"]["up_proj"]["weight"] == 1
+    assert p.language_model.norm.weight == 2
+    with pytest.raises(AttributeError, match="down_proj"):
+        layer.mlp.down_proj
+    assert not hasattr(layer.mlp, "gate_proj")
+    layer.mlp["gate_proj"] = 3  # a key added later reads as an attribute too
+    assert layer.mlp.gate_proj == 3
+    again = pickle.loads(pickle.dumps(p))
+    assert again.language_model.layers[1].mlp.up_proj.weight == 1 and again == p
