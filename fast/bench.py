@@ -221,7 +221,8 @@ def main(argv=None) -> int:
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--skip", default="", help="comma-separated backends to leave out (hf-f32,hf-bf16,ref,fast,fast-gpu)")
+    ap.add_argument("--skip", default="",
+                    help="comma-separated backends to leave out (hf-f32,hf-bf16,ref,fast,fast-gpu)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))

@@ -512,8 +512,9 @@ def tiled_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, spec, tile: int
     """Prefill attention through BLAS, `tile` queries at a time against `key_tile` keys at a time, with an
     online softmax across key tiles: memory O(tile x key_tile), never T x S (beyond a mask of at most
     MASK_CACHE_MAX pairs). Only the span of keys that some query of the tile can see is visited (the
-    window and causality bound it); key tiles the mask closes entirely are skipped. q [B, T, H, Dh], k/v [B, S, K, Dh], MaskSpec
-    -> [B, T, H, Dh]. The sizes are the fastest measured on a 2-core Zen 5 (512 and 2048 tokens)."""
+    window and causality bound it); key tiles the mask closes entirely are skipped. q [B, T, H, Dh],
+    k/v [B, S, K, Dh], MaskSpec -> [B, T, H, Dh]. The sizes are the fastest measured on a 2-core Zen 5
+    (512 and 2048 tokens)."""
     B, T, H, Dh = q.shape
     K = k.shape[2]
     G = H // K
@@ -662,10 +663,11 @@ def compile_kernels() -> None:
     _gelu_finish(f32, np.ones_like(f32), f32.copy())
     _rope(np.ones((1, 2, 4), np.float32), f32[:1], f32[:1], np.empty((1, 2, 4), np.float32))
     rows = np.ones((1, 2, 3), np.float32)
-    _softmax_tile(rows, np.ones((2, 3), np.bool_), 1, np.full((1, 2), -np.inf, np.float32), np.zeros((1, 2), np.float32),
-                  np.empty((1, 2), np.float32))
+    _softmax_tile(rows, np.ones((2, 3), np.bool_), 1, np.full((1, 2), -np.inf, np.float32),
+                  np.zeros((1, 2), np.float32), np.empty((1, 2), np.float32))
     q, kv = np.ones((1, 1, 2, 4), np.float32), np.ones((1, 3, 1, 4), np.float32)
-    parts = np.empty((1, 1, 1, 2), np.float32), np.empty((1, 1, 1, 2), np.float32), np.empty((1, 1, 1, 2, 4), np.float32)
+    parts = (np.empty((1, 1, 1, 2), np.float32), np.empty((1, 1, 1, 2), np.float32),
+             np.empty((1, 1, 1, 2, 4), np.float32))
     for run in (_decode_serial, _decode_parallel):
         run(q, kv, kv, np.ones((1, 1, 3), np.bool_), 3, *parts)
     _combine(kv, *parts, np.empty_like(q))
