@@ -79,8 +79,14 @@ class GpuModel(Model):
         return time.perf_counter() - t0
 
 
-def load_model(path: str | Path, device: str = "cpu") -> Model:
-    """Like ref.load_model, with fast kernels on `device`."""
+RESIDENT_SHARE = 0.5  # copy the weights off the memory map when they take at most this share of free memory
+
+
+def load_model(path: str | Path, device: str = "cpu", resident: bool | None = None) -> Model:
+    """Like ref.load_model, with fast kernels on `device`. On the CPU, `resident` copies the weights (still
+    bf16, bit for bit) out of the checkpoint's memory map into anonymous memory (cpu.resident_copy: faster
+    to stream); None decides by size: when they take at most RESIDENT_SHARE of the memory available now.
+    A model that does not fit stays mapped, so the kernel can still page it in and out."""
     if device not in DEVICES:
         raise ValueError(f"device {device!r} is not available in fast/ (have: {', '.join(DEVICES)})")
     path = Path(path)
@@ -93,4 +99,10 @@ def load_model(path: str | Path, device: str = "cpu") -> Model:
         except ImportError as e:
             raise ValueError(f"device 'gpu' needs CuPy and a CUDA GPU (pip install '.[gpu]'): {e}") from None
         return GpuModel(cfg, load_tensors(path, cfg), path)
-    return CpuModel(cfg, load_tensors(path, cfg), path)
+    from . import cpu
+
+    tensors = load_tensors(path, cfg)
+    if resident is None:
+        free = cpu.available_memory()
+        resident = free is not None and sum(t.nbytes for t in tensors.values()) <= RESIDENT_SHARE * free
+    return CpuModel(cfg, cpu.resident_copy(tensors) if resident else tensors, path)

@@ -14,6 +14,7 @@ chunk) for decode attention. Prefill attention is BLAS tiles with a compiled sof
 from __future__ import annotations
 
 import ctypes
+import mmap
 import sys
 
 import numba as nb
@@ -50,6 +51,46 @@ def keep_freed_memory() -> bool:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
     return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel says can be allocated without swapping (MemAvailable), or None off Linux."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def resident_copy(tensors: dict) -> dict:
+    """{name: array or Bf16, memory-mapped} -> the same tensors copied, bits unchanged and read-only, into one
+    anonymous buffer, which numpy asks the kernel to back with 2 MB pages. Streaming the weights from there
+    decoded the bench model 0.28 ms/token faster (8 of 10 interleaved pairs; 3-4 % of the weight stream, in
+    both bandwidth phases of this host) than from the checkpoint's page cache, which this kernel maps mostly
+    in 4 KB pages. Each tensor's file pages are dropped from this process's mapping once copied (they stay
+    in the page cache), so the resident set never holds the file twice."""
+    sources = {name: t.bits if isinstance(t, Bf16) else t for name, t in tensors.items()}
+    buf = np.empty(sum(a.nbytes + 64 for a in sources.values()) + 64, np.uint8)
+    out, at = {}, -buf.ctypes.data % 64
+    for name, a in sources.items():
+        copy = buf[at:at + a.nbytes].view(a.dtype).reshape(a.shape)
+        np.copyto(copy, a)
+        copy.flags.writeable = False
+        _drop_mapped_pages(a)
+        at += a.nbytes + -a.nbytes % 64  # every tensor starts 64-byte aligned
+        out[name] = Bf16(copy) if isinstance(tensors[name], Bf16) else copy
+    return out
+
+
+def _drop_mapped_pages(a: np.ndarray) -> None:
+    """Unmap the pages under a read-only memory-mapped view from this process (MADV_DONTNEED: a later read
+    maps them again from the page cache; nothing is lost). No-op for an array that is not a memory map."""
+    mm = getattr(a, "_mmap", None)
+    if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    start = a.ctypes.data - np.frombuffer(mm, np.uint8).ctypes.data
+    first = start - start % mmap.PAGESIZE
+    mm.madvise(mmap.MADV_DONTNEED, first, start + a.nbytes - first)
 
 
 def _find_blas_shutdown():

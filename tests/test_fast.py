@@ -262,6 +262,33 @@ def test_unknown_device_is_refused(tmp_path):
         fast.load_model(d, device="tpu")
 
 
+def test_resident_weights_are_the_files_bits_and_give_the_same_logits(tmp_path):
+    """fast copies a checkpoint that fits in memory off its memory map: every tensor keeps its dtype and bits,
+    read-only, in anonymous memory; the model's logits equal those of the mapped model bit for bit."""
+    hf = tiny_hf_dict()
+    d = write_checkpoint(tmp_path / "m", hf, random_tensors(hf, 3, "BF16"))
+    mapped, copied = fast.load_model(d, resident=False), fast.load_model(d, resident=True)
+    assert mapped.tensors.keys() == copied.tensors.keys()
+    for name, t in mapped.tensors.items():
+        a, b = (t.bits, copied.tensors[name].bits) if isinstance(t, Bf16) else (t, copied.tensors[name])
+        assert isinstance(a, np.memmap) and type(b) is np.ndarray, name
+        assert b.dtype == a.dtype and not b.flags.writeable and b.ctypes.data % 64 == 0, name
+        np.testing.assert_array_equal(b, a)
+    ids = np.arange(3, 40)[None]
+    np.testing.assert_array_equal(copied.forward(ids), mapped.forward(ids))
+
+
+@pytest.mark.parametrize("free, copied", [(None, False), (10_000, False), (1 << 40, True)])
+def test_weights_are_copied_only_when_they_fit(tmp_path, monkeypatch, free, copied):
+    """By default the copy is made only when the weights take at most half the memory available now (a
+    checkpoint larger than that stays mapped, so the kernel can page it); where that is unknown, never."""
+    hf = tiny_hf_dict()
+    d = write_checkpoint(tmp_path / "m", hf, random_tensors(hf, dtype="BF16"))
+    monkeypatch.setattr(cpu, "available_memory", lambda: free)
+    bits = fast.load_model(d).params.language_model.layers[0].mlp.up_proj.weight.bits
+    assert isinstance(bits, np.memmap) is not copied
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's (Linux)")
 def test_keep_freed_memory_applies_on_glibc():
     """fast's CPU model asks glibc to keep freed activation blocks (no page faults per layer)."""
