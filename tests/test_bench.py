@@ -6,9 +6,20 @@ from __future__ import annotations
 import importlib.util
 import json
 
+import numpy as np
 import pytest
 
 pytest.importorskip("numba", reason="the fast extra (numba) is not installed")
+
+
+def _tool(name: str):
+    """tools/<name>.py as a module."""
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_bench_runs_and_reports_every_backend(tmp_path, capsys):
@@ -27,16 +38,11 @@ def test_bench_runs_and_reports_every_backend(tmp_path, capsys):
 
 def test_estimate_12b_times_every_layer_and_the_head(tmp_path):
     """tools/estimate_12b.py's measuring step on a tiny checkpoint (the tool itself writes 3 GB)."""
-    import importlib.util as iu
-    from pathlib import Path
-
     import ref
     from ref.config import tiny_hf_dict
     from ref.tiny import random_tensors, write_checkpoint
 
-    spec = iu.spec_from_file_location("estimate_12b", Path(__file__).parents[1] / "tools" / "estimate_12b.py")
-    tool = iu.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = _tool("estimate_12b")
     hf = tiny_hf_dict()
     path = write_checkpoint(tmp_path / "ckpt", hf, random_tensors(hf))
     model = ref.load_model(path)
@@ -44,6 +50,47 @@ def test_estimate_12b_times_every_layer_and_the_head(tmp_path):
     for phase in ("prefill", "decode"):
         per_layer, head = r[phase]
         assert len(per_layer) == len(model.config.layers) and all(t > 0 for t in per_layer) and head > 0
+
+
+def test_profile_fast_accounts_for_every_timed_function(tmp_path):
+    """tools/profile_fast.py on a tiny bf16 model: the own times of the timed functions are positive and add
+    up to no more than the phase they were measured in; prefill runs BLAS products and the upcast, decode
+    the GEMV and the split-key attention, each with the calls one step makes."""
+    import fast
+    from fast import cpu
+    from ref.config import tiny_hf_dict
+    from ref.tiny import random_tensors, write_checkpoint
+
+    tool = _tool("profile_fast")
+
+    saved = {name: getattr(cpu, name) for name in tool.ROWS}
+    try:
+        hf = tiny_hf_dict()
+        model = fast.load_model(write_checkpoint(tmp_path / "m", hf, random_tensors(hf, dtype="BF16")))
+        r = tool.profile(model, np.arange(3, 40)[None], n_decode=4, repeats=1)
+    finally:
+        for name, f in saved.items():  # the module's functions unwrapped again for the other tests
+            setattr(cpu, name, f)
+    layers = len(model.config.layers)
+    for phase, must in (("prefill", {"matmul", "_upcast_rows", "tiled_attention", "rms_norm"}),
+                        ("decode", {"_gemv", "decode_attention", "rms_norm"})):
+        total, rows = r[phase]
+        assert must <= set(rows) and all(own > 0 for _, own in rows.values()), (phase, rows)
+        assert sum(own for _, own in rows.values()) <= total
+        assert rows["rms_norm"][0] >= 2 * layers  # at least the two norms around attention, per layer
+    assert r["decode"][1]["decode_attention"][0] == layers  # one call per layer and token
+    assert "rest" in tool.table("decode", *r["decode"])
+
+
+def test_profile_timers_count_a_function_without_the_timed_functions_it_calls():
+    import time
+
+    timers = _tool("profile_fast").Timers()
+    timers.on = True
+    inner = timers.wrap("inner", lambda: time.sleep(0.02))
+    timers.wrap("outer", lambda: (time.sleep(0.01), inner()))()
+    assert 0.01 <= timers.own["outer"] < 0.02 <= timers.own["inner"]  # outer's own: its 10 ms, not 30
+    assert timers.calls == {"outer": 1, "inner": 1}
 
 
 def test_attention_flops_count_only_visible_pairs():

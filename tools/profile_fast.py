@@ -1,0 +1,163 @@
+"""Where fast's CPU time goes: a prefill and cached decode steps of fast.bench's model, split by function.
+
+Each function of fast/cpu.py that a forward pass calls (the kernels' Python wrappers and the compiled
+kernels) is timed by its own time: its time less that of the timed functions it calls, so the rows add
+up. The `rest` row is what no timer covers: ref's layer code (residual adds, scaling, masks, the cache's
+bookkeeping), the embedding and the token's selection. A timer costs about a microsecond per call, which
+lands in the row it wraps (a decoded token makes ~200 calls). The README's "Where the time goes" comes
+from this tool.
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python tools/profile_fast.py [--prompt 512] [--decode 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+ROWS = {  # fast.cpu function -> what its own time is
+    "matmul": "projections: the BLAS product when prefilling (and the wrapper)",
+    "_upcast_rows": "prefill projections: bf16 -> float32 upcast of the weight rows",
+    "_gemv": "decode projections and the head: the GEMV (compiled, launched from here)",
+    "linears": "projection wrapper: reshape, bias",
+    "tiled_attention": "prefill attention: the BLAS tiles (and their wrapper)",
+    "_softmax_tile": "prefill attention: the online softmax",
+    "decode_attention": "decode attention: wrapper (buffers, the mask)",
+    "_decode_parallel": "decode attention: split-key kernel",
+    "_decode_serial": "decode attention: split-key kernel, one thread",
+    "_combine": "decode attention: merge of the key chunks",
+    "mlp": "MLP wrapper",
+    "gelu_tanh_mul": "GELU: numpy's tanh (and the wrapper)",
+    "_gelu_arg": "GELU: compiled pass before tanh",
+    "_gelu_finish": "GELU: compiled pass after tanh",
+    "rms_norm": "RMSNorm (kernel and wrapper)",
+    "apply_rope": "RoPE (kernel and wrapper)",
+    "lm_head": "head: soft-capping",
+}
+
+
+class Timers:
+    """Own time and calls of wrapped functions, while `on`."""
+
+    def __init__(self):
+        self.own, self.calls, self._stack, self.on = defaultdict(float), defaultdict(int), [], False
+
+    def wrap(self, name: str, f):
+        def timed(*args, **kwargs):
+            if not self.on:
+                return f(*args, **kwargs)
+            self._stack.append(0.0)
+            t = time.perf_counter()
+            try:
+                return f(*args, **kwargs)
+            finally:
+                spent = time.perf_counter() - t
+                inner = self._stack.pop()
+                self.own[name] += spent - inner
+                self.calls[name] += 1
+                if self._stack:
+                    self._stack[-1] += spent
+        return timed
+
+    def reset(self):
+        self.own.clear()
+        self.calls.clear()
+
+
+def instrument(model) -> Timers:
+    """Wrap ROWS in fast.cpu and give `model` kernels that call the wrapped functions -> the timers."""
+    from fast import cpu
+    from ref.decoder import Kernels
+
+    timers = Timers()
+    for name in ROWS:
+        setattr(cpu, name, timers.wrap(name, getattr(cpu, name)))
+    model.kernels = Kernels(**{f.name: getattr(cpu, f.name) for f in dataclasses.fields(Kernels)})
+    return timers
+
+
+def profile(model, ids: np.ndarray, n_decode: int, repeats: int = 3) -> dict:
+    """-> {"prefill": (seconds, {row: (calls, seconds)}), "decode": (seconds per token, {row: (calls per
+    token, seconds per token)})}. Prefill: the fastest of `repeats` one-token generations; decode: the
+    steps after the first token of one generation, as means per token."""
+    timers = instrument(model)
+    model.generate(ids, max_new_tokens=2)  # warm-up
+    best = None
+    for _ in range(repeats):
+        timers.reset()
+        timers.on = True
+        t = time.perf_counter()
+        model.generate(ids, max_new_tokens=1)
+        total = time.perf_counter() - t
+        timers.on = False
+        if best is None or total < best[0]:
+            best = (total, {n: (timers.calls[n], timers.own[n]) for n in timers.own})
+    stamps: list[float] = []
+
+    def on_token(_):
+        stamps.append(time.perf_counter())
+        if len(stamps) == 1:  # the prefill is done: time the steps from here
+            timers.reset()
+            timers.on = True
+
+    model.generate(ids, max_new_tokens=1 + n_decode, on_token=on_token)
+    timers.on = False
+    n = len(stamps) - 1
+    decode = ((stamps[-1] - stamps[0]) / n, {k: (timers.calls[k] / n, timers.own[k] / n) for k in timers.own})
+    return {"prefill": best, "decode": decode}
+
+
+def table(title: str, total: float, rows: dict) -> str:
+    lines = [f"{title}: {total * 1e3:.2f} ms", f"  {'function':18} {'calls':>7} {'ms':>8} {'share':>6}"]
+    for name, (calls, own) in sorted(rows.items(), key=lambda kv: -kv[1][1]):
+        lines.append(f"  {name:18} {calls:7.0f} {own * 1e3:8.2f} {own / total:6.1%}  {ROWS[name]}")
+    rest = total - sum(own for _, own in rows.values())
+    lines.append(f"  {'rest':18} {'':7} {rest * 1e3:8.2f} {rest / total:6.1%}  ref's layer code, embedding, masks, "
+                 "cache bookkeeping, token selection")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from fast.bench import bench_config, decoder_weight_counts, read_bandwidth
+    from ref.tiny import write_large_bf16_checkpoint
+
+    import fast
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--decode", type=int, default=32)
+    ap.add_argument("--layers", type=int, default=8)
+    args = ap.parse_args(argv)
+    hf = bench_config(args.layers)
+    rng = np.random.default_rng(0)
+    ids = np.concatenate([[2], rng.integers(3, 30000, args.prompt - 1)])[None]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_large_bf16_checkpoint(Path(tmp) / "bench", hf)
+        (path / "generation_config.json").write_text(
+            json.dumps({"eos_token_id": [32767], "suppress_tokens": [32767], "pad_token_id": 0}))
+        model = fast.load_model(path)
+        model.compile()
+        bw = read_bandwidth()
+        r = profile(model, ids, args.decode)
+        bw = max(bw, read_bandwidth())
+    weight_bytes = 2 * decoder_weight_counts(hf)[0]
+    print(table(f"prefill, {args.prompt} tokens (fastest of 3)", *r["prefill"]))
+    print()
+    print(table(f"decode, per token (mean of {args.decode} steps after the prompt)", *r["decode"]))
+    print(f"\nread bandwidth beside the run: {bw:.1f} GB/s, at which the {weight_bytes / 1e6:.0f} MB of bf16 weights "
+          f"take {weight_bytes / bw / 1e6:.2f} ms per token")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
