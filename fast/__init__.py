@@ -85,7 +85,8 @@ RESIDENT_SHARE = 0.5  # copy the weights off the memory map when they take at mo
 def load_model(path: str | Path, device: str = "cpu", resident: bool | None = None) -> Model:
     """Like ref.load_model, with fast kernels on `device`. On the CPU, `resident` copies the weights (still
     bf16, bit for bit) out of the checkpoint's memory map into anonymous memory (cpu.resident_copy: faster
-    to stream); None decides by size: when they take at most RESIDENT_SHARE of the memory available now.
+    to stream); None decides by size: when they take at most RESIDENT_SHARE of the memory available now
+    (cpu.available_memory: the kernel's, or a container's limit where that leaves less).
     A model that does not fit stays mapped, so the kernel can still page it in and out."""
     if device not in DEVICES:
         raise ValueError(f"device {device!r} is not available in fast/ (have: {', '.join(DEVICES)})")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import sys
+from pathlib import Path
 
 import numba as nb
 import numpy as np
@@ -53,13 +54,50 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
-def available_memory() -> int | None:
-    """Bytes the kernel says can be allocated without swapping (MemAvailable), or None off Linux."""
+def available_memory(proc: str = "/proc", cgroups: str = "/sys/fs/cgroup") -> int | None:
+    """Bytes this process can still allocate without swapping or being killed: the kernel's MemAvailable,
+    or less where a memory cgroup (a container's limit) leaves less: its limit less its working set
+    (usage without the inactive page cache, which it can reclaim), for this process's cgroup and each one
+    above it. None off Linux."""
     try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        with open(f"{proc}/meminfo") as f:
+            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError):
         return None
+    for room in _cgroup_headroom(proc, cgroups):
+        free = min(free, room)
+    return free
+
+
+def _cgroup_headroom(proc: str, cgroups: str):
+    """Yield limit - working set for each memory cgroup from this process's up to the root (v2 unified, or
+    v1's memory controller); nothing where no limit is set or the files cannot be read."""
+    try:
+        with open(f"{proc}/self/cgroup") as f:
+            entries = [line.rstrip("\n").split(":", 2) for line in f]
+    except OSError:
+        return
+    for _, controllers, path in entries:
+        if controllers == "":  # v2: memory.max, memory.current, memory.stat's inactive_file
+            root, files = Path(cgroups), ("memory.max", "memory.current", "inactive_file")
+        elif "memory" in controllers.split(","):  # v1
+            root, files = Path(cgroups) / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes",
+                                                     "total_inactive_file")
+        else:
+            continue
+        node = root / path.lstrip("/")
+        while True:
+            try:
+                limit = (node / files[0]).read_text().strip()
+                used = int((node / files[1]).read_text())
+                stat = dict(line.split() for line in (node / "memory.stat").read_text().splitlines())
+                if limit != "max":  # v2's "no limit"; v1 writes ~2^63 instead, which never binds
+                    yield int(limit) - (used - int(stat.get(files[2], 0)))
+            except (OSError, ValueError):
+                pass
+            if node == root or node == node.parent:
+                break
+            node = node.parent
 
 
 def resident_copy(tensors: dict) -> dict:

@@ -289,6 +289,44 @@ def test_weights_are_copied_only_when_they_fit(tmp_path, monkeypatch, free, copi
     assert isinstance(bits, np.memmap) is not copied
 
 
+def _fake_system(tmp_path, cgroup_line: str, files: dict) -> tuple[str, str]:
+    """A /proc with 10 GB MemAvailable and this process's cgroup line, and a cgroup tree with `files`
+    ({relative path: text}) -> (proc, cgroups) roots for cpu.available_memory."""
+    proc, cgroups = tmp_path / "proc", tmp_path / "cgroup"
+    (proc / "self").mkdir(parents=True)
+    (proc / "meminfo").write_text("MemTotal:       16000000 kB\nMemAvailable:   10000000 kB\n")
+    (proc / "self" / "cgroup").write_text(cgroup_line + "\n")
+    for rel, text in files.items():
+        (cgroups / rel).parent.mkdir(parents=True, exist_ok=True)
+        (cgroups / rel).write_text(text)
+    return str(proc), str(cgroups)
+
+
+GB = 1_000_000_000
+
+
+@pytest.mark.parametrize("cgroup_line, files, want", [
+    ("0::/", {}, 10_240_000_000),  # no limit anywhere: MemAvailable (kB are KiB)
+    # v2, the parent's limit binds: 4 GB limit, 3 GB used of which 1 GB inactive page cache -> 2 GB left
+    ("0::/box/app", {"box/app/memory.max": "max\n", "box/app/memory.current": "5\n", "box/app/memory.stat": "",
+                     "box/memory.max": f"{4 * GB}\n", "box/memory.current": f"{3 * GB}\n",
+                     "box/memory.stat": f"anon 5\ninactive_file {GB}\n"}, 2 * GB),
+    # v1: the job's own limit is v1's "unlimited" (~2^63), the root's is 6 GB with 1 GB in use
+    ("4:memory:/job", {"memory/job/memory.limit_in_bytes": "9223372036854771712\n",
+                       "memory/job/memory.usage_in_bytes": "7\n", "memory/job/memory.stat": "",
+                       "memory/memory.limit_in_bytes": f"{6 * GB}\n", "memory/memory.usage_in_bytes": f"{GB}\n",
+                       "memory/memory.stat": "total_inactive_file 0\n"}, 5 * GB),
+    ("4:memory:/gone", {}, 10_240_000_000),  # the cgroup's files are not visible here: MemAvailable
+])
+def test_available_memory_respects_cgroup_limits(tmp_path, cgroup_line, files, want):
+    """A container's memory limit caps what fast may fill with a weight copy, not only the host's free memory."""
+    assert cpu.available_memory(*_fake_system(tmp_path, cgroup_line, files)) == want
+
+
+def test_available_memory_is_unknown_without_meminfo(tmp_path):
+    assert cpu.available_memory(str(tmp_path / "nowhere"), str(tmp_path)) is None
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's (Linux)")
 def test_keep_freed_memory_applies_on_glibc():
     """fast's CPU model asks glibc to keep freed activation blocks (no page faults per layer)."""
