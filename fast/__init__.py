@@ -82,12 +82,13 @@ class GpuModel(Model):
 RESIDENT_SHARE = 0.5  # copy the weights off the memory map when they take at most this share of free memory
 
 
-def load_model(path: str | Path, device: str = "cpu", resident: bool | None = None) -> Model:
+def load_model(path: str | Path, device: str = "cpu", resident: bool | None = None, progress: bool = False) -> Model:
     """Like ref.load_model, with fast kernels on `device`. On the CPU, `resident` copies the weights (still
     bf16, bit for bit) out of the checkpoint's memory map into anonymous memory (cpu.resident_copy: faster
     to stream); None decides by size: when they take at most RESIDENT_SHARE of the memory available now
     (cpu.available_memory: the kernel's, or a container's limit where that leaves less).
-    A model that does not fit stays mapped, so the kernel can still page it in and out."""
+    A model that does not fit stays mapped, so the kernel can still page it in and out. `progress`: a bar on
+    stderr while a large copy is made."""
     if device not in DEVICES:
         raise ValueError(f"device {device!r} is not available in fast/ (have: {', '.join(DEVICES)})")
     path = Path(path)
@@ -106,4 +107,4 @@ def load_model(path: str | Path, device: str = "cpu", resident: bool | None = No
     if resident is None:
         free = cpu.available_memory()
         resident = free is not None and sum(t.nbytes for t in tensors.values()) <= RESIDENT_SHARE * free
-    return CpuModel(cfg, cpu.resident_copy(tensors) if resident else tensors, path)
+    return CpuModel(cfg, cpu.resident_copy(tensors, progress) if resident else tensors, path)

@@ -70,8 +70,11 @@ def default_budget(model_dir: Path) -> int:
 
 def warm_up(model: Model, progress: bool) -> None:
     """Read a large checkpoint's files once, front to back, so the first forward pass does not fault its
-    pages in one by one; with a progress bar on stderr. Small checkpoints are left alone."""
-    files = sorted(set(model.path.glob("*.safetensors"))) if model.path is not None else []
+    pages in one by one; with a progress bar on stderr. Small checkpoints are left alone, and so are
+    weights that are not memory-mapped (fast copies those that fit into memory as it loads them)."""
+    if model.path is None or not any(isinstance(getattr(t, "bits", t), np.memmap) for t in model.tensors.values()):
+        return
+    files = sorted(set(model.path.glob("*.safetensors")))
     total = sum(f.stat().st_size for f in files)
     if total < WARM_UP_BYTES:
         return
@@ -99,11 +102,11 @@ class _LayerProgress(list):
         return super().__getitem__(i)
 
 
-def _load_fast(path: Path, device: str) -> Model:
+def _load_fast(path: Path, device: str, progress: bool) -> Model:
     try:
         import fast
 
-        return fast.load_model(path, device)
+        return fast.load_model(path, device, progress=progress)
     except ImportError as e:  # numba (the fast extra) or CuPy (the gpu extra) missing
         raise ValueError(f"--backend fast needs its extra (pip install '.[fast]', and '.[gpu]' for --device gpu): "
                          f"{_one_line(e)}") from None
@@ -176,7 +179,7 @@ class Session:
             raise ConfigError(f"{path}: not a model directory")
         if not (path / "config.json").is_file():
             raise ConfigError(f"{path}: no config.json (not a checkpoint directory)")
-        model = load_model(path) if backend == "numpy" else _load_fast(path, device)
+        model = load_model(path) if backend == "numpy" else _load_fast(path, device, progress)
         tokenizer = P.load_tokenizer(path)
         session = cls(model, tokenizer, P.load_chat_template(path), default_budget(path), path, progress=progress)
         warm_up(model, progress)

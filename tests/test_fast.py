@@ -289,6 +289,25 @@ def test_weights_are_copied_only_when_they_fit(tmp_path, monkeypatch, free, copi
     assert isinstance(bits, np.memmap) is not copied
 
 
+@pytest.mark.parametrize("progress", [True, False])
+def test_large_weight_copy_shows_progress_and_is_not_read_again(tmp_path, monkeypatch, capsys, progress):
+    """A large copy shows a bar on stderr when asked; ref.run's page-cache warm-up (a second read of the
+    files, with its own bar) then has nothing to do, while a mapped model still gets it."""
+    import ref.run
+
+    hf = tiny_hf_dict()
+    d = write_checkpoint(tmp_path / "m", hf, random_tensors(hf, dtype="BF16"))
+    monkeypatch.setattr(cpu, "PROGRESS_BYTES", 0)  # "large" from the first byte
+    monkeypatch.setattr(ref.run, "WARM_UP_BYTES", 0)
+    copied = fast.load_model(d, resident=True, progress=progress)
+    err = capsys.readouterr().err
+    assert ("copying weights into memory" in err and "100%" in err) is progress  # the bar counts every byte
+    ref.run.warm_up(copied, progress=True)
+    assert "loading weights" not in capsys.readouterr().err
+    ref.run.warm_up(fast.load_model(d, resident=False), progress=True)
+    assert "loading weights" in capsys.readouterr().err
+
+
 def _fake_system(tmp_path, cgroup_line: str, files: dict) -> tuple[str, str]:
     """A /proc with 10 GB MemAvailable and this process's cgroup line, and a cgroup tree with `files`
     ({relative path: text}) -> (proc, cgroups) roots for cpu.available_memory."""
