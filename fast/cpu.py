@@ -134,7 +134,7 @@ def _drop_mapped_pages(a: np.ndarray) -> None:
     """Unmap the pages under a read-only memory-mapped view from this process (MADV_DONTNEED: a later read
     maps them again from the page cache; nothing is lost). No-op for an array that is not a memory map."""
     mm = getattr(a, "_mmap", None)
-    if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+    if mm is None or a.nbytes == 0 or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
         return
     start = a.ctypes.data - np.frombuffer(mm, np.uint8).ctypes.data
     first = start - start % mmap.PAGESIZE

@@ -278,6 +278,20 @@ def test_resident_weights_are_the_files_bits_and_give_the_same_logits(tmp_path):
     np.testing.assert_array_equal(copied.forward(ids), mapped.forward(ids))
 
 
+def test_resident_copy_of_odd_tensors(tmp_path):
+    """Empty, scalar-sized, float16 and odd-length tensors keep shape, dtype and bits, each 64-byte aligned."""
+    from ref.safetensors_io import open_tensors, save_file
+
+    want = {"empty": np.zeros((0, 5), np.float32), "one": np.full((1,), 3.5, np.float32),
+            "half": np.arange(7, dtype=np.float16), "bits": Bf16(np.arange(9, dtype=np.uint16).reshape(3, 3))}
+    save_file(want, tmp_path / "t.safetensors")
+    got = cpu.resident_copy(open_tensors(tmp_path / "t.safetensors"))
+    for name, w in want.items():
+        a, b = (w.bits, got[name].bits) if isinstance(w, Bf16) else (w, got[name])
+        assert b.shape == a.shape and b.dtype == a.dtype and b.ctypes.data % 64 == 0 and not b.flags.writeable
+        np.testing.assert_array_equal(b, a)
+
+
 @pytest.mark.parametrize("free, copied", [(None, False), (10_000, False), (1 << 40, True)])
 def test_weights_are_copied_only_when_they_fit(tmp_path, monkeypatch, free, copied):
     """By default the copy is made only when the weights take at most half the memory available now (a
