@@ -45,6 +45,20 @@ def bench_config(layers: int = 8) -> dict:
     return hf
 
 
+def write_bench_checkpoint(directory: Path, hf: dict) -> Path:
+    """The bench checkpoint (random bf16 weights of `hf`, e.g. bench_config()) in directory/bench -> its path.
+    Its eos id is also suppressed, so every run generates exactly the tokens asked for."""
+    path = write_large_bf16_checkpoint(Path(directory) / "bench", hf)
+    (path / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": [32767], "suppress_tokens": [32767], "pad_token_id": 0}))
+    return path
+
+
+def bench_prompt(tokens: int) -> np.ndarray:
+    """-> ids [1, tokens]: bos, then random text ids (the same every run)."""
+    return np.concatenate([[2], np.random.default_rng(0).integers(3, 30000, tokens - 1)])[None]
+
+
 def decoder_weight_counts(hf: dict) -> tuple[int, int]:
     """(parameters in the decoder's matrices incl. the tied head, of which the head) for FLOP/byte counts."""
     shapes = expected_shapes(from_hf_dict(hf))
@@ -229,14 +243,10 @@ def main(argv=None) -> int:
 
     hf_cfg = bench_config(args.layers)
     weights, head = decoder_weight_counts(hf_cfg)
-    rng = np.random.default_rng(0)
-    ids = np.concatenate([[2], rng.integers(3, 30000, args.prompt - 1)])[None]
+    ids = bench_prompt(args.prompt)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        path = write_large_bf16_checkpoint(Path(tmp) / "bench", hf_cfg)
-        # an eos id that is also suppressed: every run generates exactly the tokens asked for
-        (path / "generation_config.json").write_text(
-            json.dumps({"eos_token_id": [32767], "suppress_tokens": [32767], "pad_token_id": 0}))
+        path = write_bench_checkpoint(Path(tmp), hf_cfg)
         size = (path / "model.safetensors").stat().st_size
         print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
               f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}")

@@ -115,7 +115,8 @@ def main(argv=None) -> int:
             model = load(path)
             run_steps(model, 32, 2)  # map the weights in, and compile (or load Numba's cache) for fast
             readings = [read_limits()] if read_limits else []  # before, between and after the phases
-            r = run_steps(model, args.prompt, args.decode, (lambda: readings.append(read_limits())) if read_limits else None)
+            between = (lambda: readings.append(read_limits())) if read_limits else None
+            r = run_steps(model, args.prompt, args.decode, between)
             readings += [read_limits()] if read_limits else []
             for i, phase in enumerate(("prefill", "decode")):
                 limits = tuple(map(max, readings[i], readings[i + 1])) if read_limits else None

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import tempfile
 import time
@@ -128,10 +127,8 @@ def table(title: str, total: float, rows: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from fast.bench import bench_config, decoder_weight_counts, read_bandwidth
-    from ref.tiny import write_large_bf16_checkpoint
-
     import fast
+    from fast.bench import bench_config, bench_prompt, decoder_weight_counts, read_bandwidth, write_bench_checkpoint
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompt", type=int, default=512)
@@ -139,16 +136,11 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=8)
     args = ap.parse_args(argv)
     hf = bench_config(args.layers)
-    rng = np.random.default_rng(0)
-    ids = np.concatenate([[2], rng.integers(3, 30000, args.prompt - 1)])[None]
     with tempfile.TemporaryDirectory() as tmp:
-        path = write_large_bf16_checkpoint(Path(tmp) / "bench", hf)
-        (path / "generation_config.json").write_text(
-            json.dumps({"eos_token_id": [32767], "suppress_tokens": [32767], "pad_token_id": 0}))
-        model = fast.load_model(path)
+        model = fast.load_model(write_bench_checkpoint(Path(tmp), hf))
         model.compile()
         bw = read_bandwidth()
-        r = profile(model, ids, args.decode)
+        r = profile(model, bench_prompt(args.prompt), args.decode)
         bw = max(bw, read_bandwidth())
     weight_bytes = 2 * decoder_weight_counts(hf)[0]
     print(table(f"prefill, {args.prompt} tokens (fastest of 3)", *r["prefill"]))
