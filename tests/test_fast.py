@@ -279,7 +279,8 @@ def test_resident_weights_are_the_files_bits_and_give_the_same_logits(tmp_path):
 
 
 def test_resident_copy_of_odd_tensors(tmp_path):
-    """Empty, scalar-sized, float16 and odd-length tensors keep shape, dtype and bits, each 64-byte aligned."""
+    """Empty, scalar-sized, float16 and odd-length tensors keep shape, dtype and bits, each non-empty one
+    64-byte aligned."""
     from ref.safetensors_io import open_tensors, save_file
 
     want = {"empty": np.zeros((0, 5), np.float32), "one": np.full((1,), 3.5, np.float32),
@@ -288,7 +289,8 @@ def test_resident_copy_of_odd_tensors(tmp_path):
     got = cpu.resident_copy(open_tensors(tmp_path / "t.safetensors"))
     for name, w in want.items():
         a, b = (w.bits, got[name].bits) if isinstance(w, Bf16) else (w, got[name])
-        assert b.shape == a.shape and b.dtype == a.dtype and b.ctypes.data % 64 == 0 and not b.flags.writeable
+        assert b.shape == a.shape and b.dtype == a.dtype and not b.flags.writeable
+        assert b.nbytes == 0 or b.ctypes.data % 64 == 0  # an empty array's address is numpy's choice
         np.testing.assert_array_equal(b, a)
 
 
