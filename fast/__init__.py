@@ -88,7 +88,7 @@ def load_model(path: str | Path, device: str = "cpu", resident: bool | None = No
     to stream); None decides by size: when they take at most RESIDENT_SHARE of the memory available now
     (cpu.available_memory: the kernel's, or a container's limit where that leaves less).
     A model that does not fit stays mapped, so the kernel can still page it in and out. `progress`: a bar on
-    stderr while a large copy is made."""
+    stderr while the copy is made."""
     if device not in DEVICES:
         raise ValueError(f"device {device!r} is not available in fast/ (have: {', '.join(DEVICES)})")
     path = Path(path)

@@ -100,17 +100,14 @@ def _cgroup_headroom(proc: str, cgroups: str):
             node = node.parent
 
 
-PROGRESS_BYTES = 1 << 30  # a copy at least this large shows a progress bar when asked to
-
-
 def resident_copy(tensors: dict, progress: bool = False) -> dict:
     """{name: array or Bf16, memory-mapped} -> the same tensors copied, bits unchanged and read-only, into one
     anonymous buffer, which numpy asks the kernel to back with 2 MB pages. Streaming the weights from there
     decoded the bench model 0.28 ms/token faster (8 of 10 interleaved pairs; 3-4 % of the weight stream, in
     both bandwidth phases of this host) than from the checkpoint's page cache, which this kernel maps mostly
     in 4 KB pages. Each tensor's file pages are dropped from this process's mapping once copied (they stay
-    in the page cache), so the resident set never holds the file twice. `progress`: a bar on stderr for a
-    copy of PROGRESS_BYTES or more (it reads the whole checkpoint: ~1 s per GB from the page cache)."""
+    in the page cache), so the resident set never holds the file twice. `progress`: a bar on stderr (the copy
+    reads the whole checkpoint: ~1 s per GB from the page cache)."""
     from tqdm import tqdm
 
     sources = {name: t.bits if isinstance(t, Bf16) else t for name, t in tensors.items()}
@@ -118,7 +115,7 @@ def resident_copy(tensors: dict, progress: bool = False) -> dict:
     buf = np.empty(total + 64 * (len(sources) + 1), np.uint8)
     out, at = {}, -buf.ctypes.data % 64
     with tqdm(total=total, unit="B", unit_scale=True, desc="copying weights into memory", file=sys.stderr,
-              disable=not progress or total < PROGRESS_BYTES) as bar:
+              disable=not progress) as bar:
         for name, a in sources.items():
             copy = buf[at:at + a.nbytes].view(a.dtype).reshape(a.shape)
             np.copyto(copy, a)

@@ -68,16 +68,24 @@ def default_budget(model_dir: Path) -> int:
     return int(budget)
 
 
+def _weight_files(model_dir: Path) -> list[Path]:
+    return sorted(set(Path(model_dir).glob("*.safetensors")))
+
+
+def is_large(model_dir: Path) -> bool:
+    """Whether the checkpoint's weight files take WARM_UP_BYTES or more: loading it shows progress."""
+    return sum(f.stat().st_size for f in _weight_files(model_dir)) >= WARM_UP_BYTES
+
+
 def warm_up(model: Model, progress: bool) -> None:
     """Read a large checkpoint's files once, front to back, so the first forward pass does not fault its
     pages in one by one; with a progress bar on stderr. Small checkpoints are left alone, and so are
     weights that are not memory-mapped (fast copies those that fit into memory as it loads them)."""
-    if model.path is None or not any(isinstance(getattr(t, "bits", t), np.memmap) for t in model.tensors.values()):
+    mapped = any(isinstance(getattr(t, "bits", t), np.memmap) for t in model.tensors.values())
+    if model.path is None or not mapped or not is_large(model.path):
         return
-    files = sorted(set(model.path.glob("*.safetensors")))
+    files = _weight_files(model.path)
     total = sum(f.stat().st_size for f in files)
-    if total < WARM_UP_BYTES:
-        return
     from tqdm import tqdm
 
     chunk = bytearray(64 << 20)
@@ -179,7 +187,7 @@ class Session:
             raise ConfigError(f"{path}: not a model directory")
         if not (path / "config.json").is_file():
             raise ConfigError(f"{path}: no config.json (not a checkpoint directory)")
-        model = load_model(path) if backend == "numpy" else _load_fast(path, device, progress)
+        model = load_model(path) if backend == "numpy" else _load_fast(path, device, progress and is_large(path))
         tokenizer = P.load_tokenizer(path)
         session = cls(model, tokenizer, P.load_chat_template(path), default_budget(path), path, progress=progress)
         warm_up(model, progress)

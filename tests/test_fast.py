@@ -305,23 +305,21 @@ def test_weights_are_copied_only_when_they_fit(tmp_path, monkeypatch, free, copi
     assert isinstance(bits, np.memmap) is not copied
 
 
-@pytest.mark.parametrize("progress", [True, False])
-def test_large_weight_copy_shows_progress_and_is_not_read_again(tmp_path, monkeypatch, capsys, progress):
-    """A large copy shows a bar on stderr when asked; ref.run's page-cache warm-up (a second read of the
-    files, with its own bar) then has nothing to do, while a mapped model still gets it."""
+@pytest.mark.parametrize("large", [True, False])
+def test_large_weight_copy_shows_progress_and_is_not_read_again(tmp_path, monkeypatch, capsys, large):
+    """python -m ref.run on a large checkpoint with --backend fast: the copy shows a bar that counts every
+    byte, and the page-cache warm-up (a second read of the files, with its own bar) has nothing to do; a
+    small checkpoint shows neither. A mapped model still gets the warm-up."""
     import ref.run
 
-    hf = tiny_hf_dict()
-    d = write_checkpoint(tmp_path / "m", hf, random_tensors(hf, dtype="BF16"))
-    monkeypatch.setattr(cpu, "PROGRESS_BYTES", 0)  # "large" from the first byte
-    monkeypatch.setattr(ref.run, "WARM_UP_BYTES", 0)
-    copied = fast.load_model(d, resident=True, progress=progress)
+    monkeypatch.setattr(ref.run, "WARM_UP_BYTES", 0 if large else 1 << 40)
+    session = ref.run.Session.open(ref.run.DEMO_MODEL, progress=True, backend="fast")
     err = capsys.readouterr().err
-    assert ("copying weights into memory" in err and "100%" in err) is progress  # the bar counts every byte
-    ref.run.warm_up(copied, progress=True)
-    assert "loading weights" not in capsys.readouterr().err
-    ref.run.warm_up(fast.load_model(d, resident=False), progress=True)
-    assert "loading weights" in capsys.readouterr().err
+    assert ("copying weights into memory" in err and "100%" in err) is large
+    assert "loading weights" not in err
+    assert not isinstance(session.model.params.language_model.embed_tokens.weight.bits, np.memmap)
+    ref.run.warm_up(fast.load_model(ref.run.DEMO_MODEL, resident=False), progress=True)
+    assert ("loading weights" in capsys.readouterr().err) is large
 
 
 def _fake_system(tmp_path, cgroup_line: str, files: dict) -> tuple[str, str]:
