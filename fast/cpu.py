@@ -35,6 +35,8 @@ FM = {"reassoc", "contract"}  # reassociate sums (vectorised reductions), allow 
 ROWS = 16  # weight rows per GEMV program
 WIDE_IN = 8192  # a GEMV input row longer than this (32 KB) no longer stays in L1 beside the weights
 GEMV_MAX_M = 8  # up to this many rows of x a GEMV beats upcast + BLAS (measured, see fast/bench.py)
+# From GEMV_MAX_M to this many rows of x, products run token-minor (w @ x^T, see `matmul_t`), measured.
+TOKEN_MINOR_MAX_M = 512
 SCRATCH_FLOATS = 1 << 26  # upcast at most this many weights (256 MB) per BLAS call during prefill
 
 
@@ -138,9 +140,9 @@ def _drop_mapped_pages(a: np.ndarray) -> None:
     mm.madvise(mmap.MADV_DONTNEED, first, start + a.nbytes - first)
 
 
-def _find_blas_shutdown():
-    """numpy's OpenBLAS `blas_thread_shutdown_` (its worker threads exit; its next call starts them again),
-    found among the libraries this process has loaded; None where there is none (another BLAS, not Linux)."""
+def _blas_symbol(name: str):
+    """The function `name` of numpy's OpenBLAS, found among the libraries this process has loaded; None
+    where there is none (another BLAS, not Linux)."""
     try:
         with open("/proc/self/maps") as f:
             paths = sorted({line.split(maxsplit=5)[-1].strip() for line in f if "openblas" in line.lower()})
@@ -148,15 +150,21 @@ def _find_blas_shutdown():
         return None
     for path in paths:
         try:
-            fn = ctypes.CDLL(path).blas_thread_shutdown_
+            return getattr(ctypes.CDLL(path), name)
         except (OSError, AttributeError):
             continue
-        fn.restype = ctypes.c_int
-        return fn
     return None
 
 
-_BLAS_SHUTDOWN = _find_blas_shutdown()
+_BLAS_SHUTDOWN = _blas_symbol("blas_thread_shutdown_")  # its worker threads exit; its next call starts them
+if _BLAS_SHUTDOWN is not None:
+    _BLAS_SHUTDOWN.restype = ctypes.c_int
+# cblas_somatcopy of numpy's own OpenBLAS build (64-bit integers): out = alpha * a^T, here alpha = 1 (exact)
+_OMATCOPY = _blas_symbol("scipy_cblas_somatcopy64_")
+if _OMATCOPY is not None:
+    _OMATCOPY.restype = None
+    _OMATCOPY.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_float,
+                          ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
 _BLAS_RAN = [False]  # a BLAS product ran since the last GEMV
 
 
@@ -269,25 +277,78 @@ def _gemv(x2: np.ndarray, bits: tuple) -> np.ndarray:
     return out
 
 
+def _upcast_blocks(bits: np.ndarray):
+    """bits [Out, In] bf16 -> yields (lo, hi, float32 rows lo..hi-1 exactly): the whole matrix at once
+    when it fits the scratch buffer (SCRATCH_FLOATS), else blocks of rows, each overwriting the last."""
+    _BLAS_RAN[0] = True
+    Out, In = bits.shape
+    rows = max(1, min(Out, SCRATCH_FLOATS // In))
+    buf = _scratch(rows * In).reshape(rows, In)
+    for lo in range(0, Out, rows):
+        hi = min(Out, lo + rows)
+        _upcast_rows(bits, lo, hi, buf)
+        yield lo, hi, buf[: hi - lo]
+
+
 def matmul(x2: np.ndarray, w) -> np.ndarray:
     """x2 [M, In] float32, w [Out, In] (Bf16 or float array) -> [M, Out] float32."""
     M = x2.shape[0]
     if not isinstance(w, Bf16):
         return x2 @ np.asarray(w, np.float32).T
-    bits = w.bits
-    Out, In = bits.shape
     if M <= GEMV_MAX_M:
-        return _gemv(x2, (bits,))
-    _BLAS_RAN[0] = True
-    out = np.empty((M, Out), np.float32)
-    rows = max(1, min(Out, SCRATCH_FLOATS // In))  # the whole matrix when it fits: one BLAS call
-    buf = _scratch(rows * In).reshape(rows, In)
-    for lo in range(0, Out, rows):
-        hi = min(Out, lo + rows)
-        _upcast_rows(bits, lo, hi, buf)
-        if hi - lo == Out:
-            return x2 @ buf.T
-        np.matmul(x2, buf[: hi - lo].T, out=out[:, lo:hi])
+        return _gemv(x2, (w.bits,))
+    if M <= TOKEN_MINOR_MAX_M:
+        return transpose(matmul_t(w, transpose(x2)))
+    out = None
+    for lo, hi, f32 in _upcast_blocks(w.bits):
+        if hi - lo == w.bits.shape[0]:
+            return x2 @ f32.T
+        out = np.empty((M, w.bits.shape[0]), np.float32) if out is None else out
+        np.matmul(x2, f32.T, out=out[:, lo:hi])
+    return out
+
+
+def matmul_t(w, xT: np.ndarray) -> np.ndarray:
+    """w [Out, In] (Bf16 or float array), xT [In, M] float32 C-contiguous -> w @ xT [Out, M] float32, the
+    product with the tokens as the output's contiguous axis ((x w^T)^T). numpy's OpenBLAS runs it faster
+    than x @ w^T on this project's machine (2-core Zen 5): 10-15 % at 300-512 rows, up to 2x at 16-64
+    (products alone); a whole prefill, transposes in and out included, 3-6 % faster at 300-512 tokens,
+    10-20 % at 32-128, none at 1000 (measured in the model, interleaved)."""
+    if not isinstance(w, Bf16):
+        return np.asarray(w, np.float32) @ xT
+    out = None
+    for lo, hi, f32 in _upcast_blocks(w.bits):
+        if hi - lo == w.bits.shape[0]:
+            return f32 @ xT
+        out = np.empty((w.bits.shape[0], xT.shape[1]), np.float32) if out is None else out
+        np.matmul(f32, xT, out=out[lo:hi])
+    return out
+
+
+@nb.njit(cache=True)
+def _transpose(a, out):
+    """a [R, C] -> out [C, R] = a^T, in 8 x 8 tiles, where numpy's OpenBLAS has no transposing copy. Rows of
+    a power-of-two width are 4 KB apart and fight over the same cache sets: numpy's copy of a transposed
+    view took 3-4x as long (measured), OpenBLAS's somatcopy a third."""
+    R, C = a.shape
+    for r0 in range(0, R, 8):
+        r1 = min(R, r0 + 8)
+        for c0 in range(0, C, 8):
+            for c in range(c0, min(C, c0 + 8)):
+                for r in range(r0, r1):
+                    out[c, r] = a[r, c]
+
+
+def transpose(a: np.ndarray, blas: bool = True) -> np.ndarray:
+    """a [R, C] float32 -> a^T as a new C-contiguous [C, R] array: OpenBLAS's somatcopy (0.1 ms for
+    512 x 1024 on the 2-core Zen 5), or `_transpose` (0.35 ms) without it or with blas=False."""
+    a = np.ascontiguousarray(a, np.float32)
+    out = np.empty((a.shape[1], a.shape[0]), np.float32)
+    if blas and _OMATCOPY is not None and a.size:
+        _OMATCOPY(101, 112, a.shape[0], a.shape[1], 1.0, a.ctypes.data, a.shape[1], out.ctypes.data,
+                  a.shape[0])  # row-major, transposed
+    else:
+        _transpose(a, out)
     return out
 
 
@@ -372,9 +433,16 @@ def rms_norm(x: np.ndarray, w=None, eps: float = 1e-6) -> np.ndarray:
 
 
 def mlp(h: np.ndarray, p) -> np.ndarray:
-    """[B, T, D] -> [B, T, D]: down(gelu(gate h) * up h). (Gate and up upcast into one scratch matrix
-    for one BLAS call measured 2-3 % slower: 32 MB of float32 no longer fits the 32 MB L3.)"""
+    """[B, T, D] -> [B, T, D]: down(gelu(gate h) * up h). From GEMV_MAX_M to TOKEN_MINOR_MAX_M rows,
+    the hidden activations stay token-minor ([inter, rows], see `matmul_t`): h is transposed once on the
+    way in and the result once on the way out. (Gate and up upcast into one scratch matrix for one BLAS
+    call measured 2-3 % slower: 32 MB of float32 no longer fits the 32 MB L3.)"""
     h2 = np.ascontiguousarray(h.reshape(-1, h.shape[-1]), np.float32)
+    if GEMV_MAX_M < h2.shape[0] <= TOKEN_MINOR_MAX_M:
+        hT = transpose(h2)
+        gT, uT = matmul_t(p.gate_proj.weight, hT), matmul_t(p.up_proj.weight, hT)
+        gelu_tanh_mul(gT, uT)
+        return transpose(matmul_t(p.down_proj.weight, gT)).reshape(h.shape)
     g, u = (np.ascontiguousarray(y) for y in matmuls(h2, [p.gate_proj.weight, p.up_proj.weight]))
     gelu_tanh_mul(g, u)
     return matmul(g, p.down_proj.weight).reshape(h.shape)
@@ -743,6 +811,7 @@ def compile_kernels() -> None:
     for n in (1, 2, 3):  # one matrix; gate and up; q, k and v
         _gemv_bf16(f32, (u16,) * n, np.empty((2, 3 * n), np.float32))
     _upcast_rows(u16, 0, 3, np.empty((3, 4), np.float32))
+    _transpose(f32, np.empty((4, 2), np.float32))
     for w in (np.ones(4, np.float32), u16[0]):
         _rms_norm(f32, w, np.float32(1e-6), np.empty_like(f32))
     _gelu_arg(f32, np.empty_like(f32))

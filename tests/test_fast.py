@@ -45,6 +45,54 @@ def test_matmul_matches_ref_linear(m, n_in, n_out, bf16, seed):
     close(cpu.linear(x, w), REF.linear(x, w))
 
 
+@settings(deadline=None, max_examples=40)
+@given(rows=st.integers(1, 41), cols=st.integers(1, 41), seed=st.integers(0, 999))
+def test_transpose_is_exact(rows, cols, seed):
+    """OpenBLAS's somatcopy and the compiled 8 x 8 tiles (partial tiles on both edges), bit for bit, with
+    signed zeros, infinities and NaN among the values."""
+    a = np.random.default_rng(seed).normal(size=(rows, cols)).astype(np.float32)
+    a.flat[:4] = [-0.0, np.inf, -np.inf, np.nan][: a.size]
+    for blas in (True, False):
+        got = cpu.transpose(a, blas=blas)
+        assert got.flags.c_contiguous
+        np.testing.assert_array_equal(got.view(np.uint32), a.T.view(np.uint32))
+
+
+def test_numpys_openblas_offers_its_transposing_copy():
+    """Where fast finds numpy's OpenBLAS (its thread shutdown), it also finds somatcopy: else every
+    token-minor product would fall back to the 3x slower compiled transpose without a word."""
+    if cpu._BLAS_SHUTDOWN is not None:
+        assert cpu._OMATCOPY is not None
+
+
+@pytest.mark.parametrize("m", [1, cpu.GEMV_MAX_M, cpu.GEMV_MAX_M + 1, cpu.TOKEN_MINOR_MAX_M,
+                               cpu.TOKEN_MINOR_MAX_M + 1])
+@pytest.mark.parametrize("block_rows", [None, 3])
+def test_matmul_on_each_side_of_its_thresholds(m, block_rows, monkeypatch):
+    """GEMV, token-minor product and plain product, with the weights upcast whole or (block_rows) three
+    rows at a time into the scratch buffer, leaving a shorter last block."""
+    rng = np.random.default_rng(m)
+    n_in, n_out = 37, 22
+    if block_rows:
+        monkeypatch.setattr(cpu, "SCRATCH_FLOATS", block_rows * n_in)
+    x = rng.normal(size=(m, n_in)).astype(np.float32)
+    w = Bf16(f32_to_bf16(rng.normal(size=(n_out, n_in)).astype(np.float32)))
+    close(cpu.matmul(x, w), REF.linear(x, w))
+    close(cpu.matmul_t(w, np.ascontiguousarray(x.T)), REF.linear(x, w).T)
+
+
+def test_token_minor_products_are_used_between_the_gemv_and_the_plain_product(monkeypatch):
+    """Which rows counts take `matmul_t` (a speed choice, measured; the tests above check each path's
+    numbers): none at GEMV_MAX_M or above TOKEN_MINOR_MAX_M, one in between."""
+    calls = []
+    real = cpu.matmul_t
+    monkeypatch.setattr(cpu, "matmul_t", lambda w, xT: (calls.append(xT.shape[1]), real(w, xT))[1])
+    w = Bf16(f32_to_bf16(np.ones((5, 7), np.float32)))
+    for m in (cpu.GEMV_MAX_M, cpu.GEMV_MAX_M + 1, cpu.TOKEN_MINOR_MAX_M, cpu.TOKEN_MINOR_MAX_M + 1):
+        cpu.matmul(np.ones((m, 7), np.float32), w)
+    assert calls == [cpu.GEMV_MAX_M + 1, cpu.TOKEN_MINOR_MAX_M]
+
+
 def _weight(rng, rows, cols, kind):
     """A random [rows, cols] matrix stored as `kind`: bf16 read-only (as a checkpoint's memory map), bf16
     writable, or float32."""
@@ -114,14 +162,26 @@ def test_rms_norm_matches_ref(rows, n, scale, seed):
 @given(t=st.integers(1, 12), d=st.integers(1, 40), inter=st.integers(1, 70), up_bf16=st.booleans(),
        seed=st.integers(0, 999))
 def test_mlp_matches_ref(t, d, inter, up_bf16, seed):
-    """GEMV (2t <= GEMV_MAX_M rows) and BLAS products, bf16 and f32 weights mixed in one MLP."""
-    rng = np.random.default_rng(seed)
+    """GEMV (2t <= GEMV_MAX_M rows) and token-minor products, bf16 and f32 weights mixed in one MLP."""
+    _check_mlp(np.random.default_rng(seed), 2, t, d, inter, up_bf16)
+
+
+def _check_mlp(rng, batch, t, d, inter, up_bf16):
+    """fast's MLP against ref's on random h [batch, t, d], bf16 gate and down, up bf16 or float32."""
     up = rng.normal(size=(inter, d)).astype(np.float32)
     p = ref.weights.Params(gate_proj=ref.weights.Params(weight=Bf16(f32_to_bf16(rng.normal(size=(inter, d))))),
                            up_proj=ref.weights.Params(weight=Bf16(f32_to_bf16(up)) if up_bf16 else up),
                            down_proj=ref.weights.Params(weight=Bf16(f32_to_bf16(rng.normal(size=(d, inter))))))
-    h = rng.normal(size=(2, t, d)).astype(np.float32)
+    h = rng.normal(size=(batch, t, d)).astype(np.float32)
     close(cpu.mlp(h, p), REF.mlp(h, p))
+
+
+@pytest.mark.parametrize("rows", [cpu.GEMV_MAX_M, cpu.GEMV_MAX_M + 1, cpu.TOKEN_MINOR_MAX_M,
+                                  cpu.TOKEN_MINOR_MAX_M + 1])
+@pytest.mark.parametrize("up_bf16", [True, False])
+def test_mlp_on_each_side_of_its_thresholds(rows, up_bf16):
+    """GEMV, token-minor and plain MLP; a float32 up_proj beside bf16 gate and down."""
+    _check_mlp(np.random.default_rng(rows), 1, rows, 13, 29, up_bf16)
 
 
 @SETTINGS
