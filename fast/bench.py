@@ -98,9 +98,10 @@ def sgemm_peak(n: int = 2048, repeats: int = 3) -> float:
 
 
 def gemm_bound(hf: dict, tokens: int, repeats: int = 3) -> float:
-    """Seconds numpy's BLAS needs for the prefill's own GEMMs ([tokens, In] x [In, Out] for every decoder
-    matrix, weights already float32): the limit a float32 prefill can reach at these shapes, which are
-    smaller than the square sgemm above and run below its peak."""
+    """Seconds numpy's BLAS needs for the prefill's own GEMMs (every decoder matrix [Out, In] on [tokens,
+    In], weights already float32), each the faster of its two layouts, x @ w^T and the token-minor w @ x^T
+    that fast.cpu.matmul_t uses: the limit a float32 prefill can reach at these shapes, which are smaller
+    than the square sgemm above and run below its peak."""
     shapes = expected_shapes(from_hf_dict(hf))
     rng = np.random.default_rng(0)
     per_shape, total = {}, 0.0
@@ -110,8 +111,9 @@ def gemm_bound(hf: dict, tokens: int, repeats: int = 3) -> float:
         if shape not in per_shape:
             w = rng.random(shape, dtype=np.float32)
             x = rng.random((tokens, shape[1]), dtype=np.float32)
-            x @ w.T
-            per_shape[shape] = min(_timed(lambda: x @ w.T) for _ in range(repeats))
+            xT = np.ascontiguousarray(x.T)
+            x @ w.T, w @ xT
+            per_shape[shape] = min(min(_timed(lambda: x @ w.T), _timed(lambda: w @ xT)) for _ in range(repeats))
         total += per_shape[shape]
     return total
 
