@@ -28,7 +28,7 @@ ROWS = {  # fast.cpu function -> what its own time is
     "matmul": "projections: the BLAS product when prefilling (and the wrapper)",
     "matmul_t": "projections, token-minor (the MLP up to 512 rows): the BLAS product (and the wrapper)",
     "_upcast_rows": "prefill projections: bf16 -> float32 upcast of the weight rows",
-    "_transpose": "transposes into and out of the token-minor products",
+    "transpose": "transposes into and out of the token-minor products",
     "_gemv": "decode projections and the head: the GEMV (compiled, launched from here)",
     "linears": "projection wrapper: reshape, bias",
     "tiled_attention": "prefill attention: the BLAS tiles (and their wrapper)",
