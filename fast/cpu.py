@@ -292,13 +292,19 @@ def _upcast_blocks(bits: np.ndarray):
 
 def matmul(x2: np.ndarray, w) -> np.ndarray:
     """x2 [M, In] float32, w [Out, In] (Bf16 or float array) -> [M, Out] float32."""
+    return matmuls(x2, [w])[0]
+
+
+def _product(x2: np.ndarray, xT: np.ndarray | None, w) -> np.ndarray:
+    """x2 [M, In] float32 (xT: its transpose, given for token-minor rows counts), w [Out, In] -> x2 @ w^T:
+    the GEMV for a few rows, the token-minor product, or the weights upcast for x2 @ w^T in BLAS."""
     M = x2.shape[0]
     if not isinstance(w, Bf16):
         return x2 @ np.asarray(w, np.float32).T
     if M <= GEMV_MAX_M:
         return _gemv(x2, (w.bits,))
-    if M <= TOKEN_MINOR_MAX_M:
-        return transpose(matmul_t(w, transpose(x2)))
+    if xT is not None:
+        return transpose(matmul_t(w, xT))
     out = None
     for lo, hi, f32 in _upcast_blocks(w.bits):
         if hi - lo == w.bits.shape[0]:
@@ -355,16 +361,20 @@ def transpose(a: np.ndarray, blas: bool = True) -> np.ndarray:
 def matmuls(x2: np.ndarray, ws: list) -> list[np.ndarray]:
     """x2 [M, In] float32, ws [w_i [Out_i, In]] -> [x2 @ w_i.T]. A few rows of x over bf16 matrices: one
     GEMV pass over all of them (one launch, no ramp between matrices: 3-5 % of a layer's decode GEMVs,
-    measured), returned as column views. Otherwise one product each: stacking gains nothing in BLAS."""
-    if x2.shape[0] > GEMV_MAX_M or len(ws) == 1 or not all(isinstance(w, Bf16) for w in ws):
-        return [matmul(x2, w) for w in ws]
-    bits = tuple(_read_only(w.bits) for w in ws)
-    out, lo = _gemv(x2, bits), 0
-    views = []
-    for b in bits:
-        views.append(out[:, lo:lo + b.shape[0]])
-        lo += b.shape[0]
-    return views
+    measured), returned as column views. Token-minor rows counts transpose x once for all of them.
+    Otherwise one product each: stacking gains nothing in BLAS."""
+    M = x2.shape[0]
+    bf16 = [isinstance(w, Bf16) for w in ws]
+    if M <= GEMV_MAX_M and len(ws) > 1 and all(bf16):
+        bits = tuple(_read_only(w.bits) for w in ws)
+        out, lo = _gemv(x2, bits), 0
+        views = []
+        for b in bits:
+            views.append(out[:, lo:lo + b.shape[0]])
+            lo += b.shape[0]
+        return views
+    xT = transpose(x2) if GEMV_MAX_M < M <= TOKEN_MINOR_MAX_M and any(bf16) else None
+    return [_product(x2, xT, w) for w in ws]
 
 
 def _read_only(a: np.ndarray) -> np.ndarray:
