@@ -54,8 +54,9 @@ def test_estimate_12b_times_every_layer_and_the_head(tmp_path):
 
 def test_profile_fast_accounts_for_every_timed_function(tmp_path):
     """tools/profile_fast.py on a tiny bf16 model: the own times of the timed functions are positive and add
-    up to no more than the phase they were measured in; prefill runs BLAS products and the upcast, decode
-    the GEMV and the split-key attention, each with the calls one step makes."""
+    up to no more than the phase they were measured in; prefill runs token-minor BLAS products, their
+    transposes and the upcast, decode the GEMV and the split-key attention, each with the calls one step
+    makes."""
     import fast
     from fast import cpu
     from ref.config import tiny_hf_dict
@@ -72,7 +73,7 @@ def test_profile_fast_accounts_for_every_timed_function(tmp_path):
         for name, f in saved.items():  # the module's functions unwrapped again for the other tests
             setattr(cpu, name, f)
     layers = len(model.config.layers)
-    for phase, must in (("prefill", {"matmul", "_upcast_rows", "tiled_attention", "rms_norm"}),
+    for phase, must in (("prefill", {"matmul_t", "transpose", "_upcast_rows", "tiled_attention", "rms_norm"}),
                         ("decode", {"_gemv", "decode_attention", "rms_norm"})):
         total, rows = r[phase]
         assert must <= set(rows) and all(own > 0 for _, own in rows.values()), (phase, rows)

@@ -25,8 +25,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 ROWS = {  # fast.cpu function -> what its own time is
-    "matmul": "projections: the BLAS product when prefilling (and the wrapper)",
-    "matmul_t": "projections, token-minor (the MLP up to 512 rows): the BLAS product (and the wrapper)",
+    "_product": "projections of more than 512 rows: the BLAS product (and the wrapper)",
+    "matmul_t": "projections of 9-512 rows, token-minor: the BLAS product (and the wrapper)",
     "_upcast_rows": "prefill projections: bf16 -> float32 upcast of the weight rows",
     "transpose": "transposes into and out of the token-minor products",
     "_gemv": "decode projections and the head: the GEMV (compiled, launched from here)",
