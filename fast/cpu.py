@@ -3,9 +3,10 @@
 Weights stay as stored: a bf16 matrix is read as its uint16 bits and upcast exactly inside the kernel
 (`bits << 16` is the float32 value), so decoding streams half the bytes of a float32 model while every
 product and sum is float32. Prefill GEMMs upcast a block of weight rows into a scratch buffer and call
-BLAS, which beats a Numba GEMM at every size we measured (fast/bench.py); decode (few rows of x) uses a
-Numba GEMV that reads each weight once for all rows, and the projections of one input (q, k, v; gate,
-up) in one pass.
+BLAS, which beats a Numba GEMM at every size we measured (fast/bench.py); up to TOKEN_MINOR_MAX_M rows
+they compute w @ x^T, the layout numpy's OpenBLAS runs fastest here (`matmul_t`). Decode (few rows of x)
+uses a Numba GEMV that reads each weight once for all rows, and the projections of one input (q, k, v;
+gate, up) in one pass.
 
 Each parallel loop runs over a "program id": a block of output rows for the GEMV, one (batch row, key
 chunk) for decode attention. Prefill attention is BLAS tiles with a compiled softmax between them.
@@ -317,7 +318,7 @@ def _product(x2: np.ndarray, xT: np.ndarray | None, w) -> np.ndarray:
 def matmul_t(w, xT: np.ndarray) -> np.ndarray:
     """w [Out, In] (Bf16 or float array), xT [In, M] float32 C-contiguous -> w @ xT [Out, M] float32, the
     product with the tokens as the output's contiguous axis ((x w^T)^T). numpy's OpenBLAS runs it faster
-    than x @ w^T on this project's machine (2-core Zen 5): 10-15 % at 300-512 rows, up to 2x at 16-64
+    than x @ w^T on this project's machine (2-core Zen 5): 5-15 % at 300-512 rows, up to 2x at 16-64
     (products alone); a whole prefill, transposes in and out included, 3-6 % faster at 300-512 tokens,
     10-20 % at 32-128, none at 1000 (measured in the model, interleaved)."""
     if not isinstance(w, Bf16):
