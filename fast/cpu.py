@@ -212,51 +212,66 @@ def _as_f32(value):
     return lambda value: np.float32(value)
 
 
-@nb.njit(parallel=True, fastmath=FM, cache=True)
-def _gemv_bf16(x, ws, out):
-    """x [M, In] f32, ws a tuple of weights [Out_k, In] uint16 (bf16 bits) -> out [M, sum of Out_k] f32:
-    x @ w.T for each w, side by side. Program id: a block of ROWS rows of one w, over all of them, so
-    projections of one x (q, k, v; gate, up) stream as one pass with one launch.
+@nb.njit(cache=True)
+def _gemv_layout(ws, count):
+    """The programs of a GEMV over the first `count` matrices of ws -> (first, col) int64 [count + 1]: the
+    first program and the first output column of each matrix (first[count] programs in all)."""
+    first, col = np.zeros(count + 1, np.int64), np.zeros(count + 1, np.int64)
+    for k in range(count):
+        first[k + 1] = first[k] + (ws[k].shape[0] + ROWS - 1) // ROWS
+        col[k + 1] = col[k] + ws[k].shape[0]
+    return first, col
+
+
+@nb.njit(fastmath=FM, cache=True)
+def _gemv_program(x, ws, first, col, pid, out):
+    """GEMV program pid (a block of ROWS rows of one matrix of ws; layout from `_gemv_layout`):
+    out[:, its columns] = x @ those rows^T. x [M, In] f32, ws a tuple of [Out_k, In] uint16 (bf16 bits).
     Each weight row comes from memory once; the other rows of x reuse it from cache. With one row of x
     longer than WIDE_IN, four weight rows share each load of x: x no longer sits in L1, and reading it
     again per weight row held a 15360-wide GEMV to 36 GB/s where the memory gives 50 (46 this way)."""
     M, In = x.shape
-    first, col = np.zeros(len(ws) + 1, np.int64), np.zeros(len(ws) + 1, np.int64)
-    for k in range(len(ws)):  # the first program and the first output column of each matrix
-        first[k + 1] = first[k] + (ws[k].shape[0] + ROWS - 1) // ROWS
-        col[k + 1] = col[k] + ws[k].shape[0]
-    for pid in nb.prange(first[-1]):
-        k = 0
-        while pid >= first[k + 1]:
-            k += 1
-        w, c = ws[k], col[k]
-        o, end = (pid - first[k]) * ROWS, min(w.shape[0], (pid - first[k] + 1) * ROWS)
-        if M == 1:  # upcast on the fly
-            while In > WIDE_IN and o + 4 <= end:
-                a0 = a1 = a2 = a3 = np.float32(0.0)
-                for i in range(In):
-                    xi = x[0, i]
-                    a0 += xi * bf16(w[o, i])
-                    a1 += xi * bf16(w[o + 1, i])
-                    a2 += xi * bf16(w[o + 2, i])
-                    a3 += xi * bf16(w[o + 3, i])
-                out[0, c + o], out[0, c + o + 1], out[0, c + o + 2], out[0, c + o + 3] = a0, a1, a2, a3
-                o += 4
-            for r in range(o, end):
-                acc = np.float32(0.0)
-                for i in range(In):
-                    acc += x[0, i] * bf16(w[r, i])
-                out[0, c + r] = acc
-            continue
-        row = np.empty(In, np.float32)
+    k = 0
+    while pid >= first[k + 1]:
+        k += 1
+    w, c = ws[k], col[k]
+    o, end = (pid - first[k]) * ROWS, min(w.shape[0], (pid - first[k] + 1) * ROWS)
+    if M == 1:  # upcast on the fly
+        while In > WIDE_IN and o + 4 <= end:
+            a0 = a1 = a2 = a3 = np.float32(0.0)
+            for i in range(In):
+                xi = x[0, i]
+                a0 += xi * bf16(w[o, i])
+                a1 += xi * bf16(w[o + 1, i])
+                a2 += xi * bf16(w[o + 2, i])
+                a3 += xi * bf16(w[o + 3, i])
+            out[0, c + o], out[0, c + o + 1], out[0, c + o + 2], out[0, c + o + 3] = a0, a1, a2, a3
+            o += 4
         for r in range(o, end):
-            for i in range(In):  # upcast once into L1, reuse for every row of x
-                row[i] = bf16(w[r, i])
-            for m in range(M):
-                acc = np.float32(0.0)
-                for i in range(In):
-                    acc += x[m, i] * row[i]
-                out[m, c + r] = acc
+            acc = np.float32(0.0)
+            for i in range(In):
+                acc += x[0, i] * bf16(w[r, i])
+            out[0, c + r] = acc
+        return
+    row = np.empty(In, np.float32)
+    for r in range(o, end):
+        for i in range(In):  # upcast once into L1, reuse for every row of x
+            row[i] = bf16(w[r, i])
+        for m in range(M):
+            acc = np.float32(0.0)
+            for i in range(In):
+                acc += x[m, i] * row[i]
+            out[m, c + r] = acc
+
+
+@nb.njit(parallel=True, fastmath=FM, cache=True)
+def _gemv_bf16(x, ws, out):
+    """x [M, In] f32, ws a tuple of weights [Out_k, In] uint16 (bf16 bits) -> out [M, sum of Out_k] f32:
+    x @ w.T for each w, side by side, over all their programs (`_gemv_program`), so projections of one x
+    (q, k, v; gate, up) stream as one pass with one launch."""
+    first, col = _gemv_layout(ws, len(ws))
+    for pid in nb.prange(first[-1]):
+        _gemv_program(x, ws, first, col, pid, out)
 
 
 @nb.njit(cache=True)
@@ -782,6 +797,14 @@ class RingKVCache(KVCache):
         self.length += T
         return start
 
+    def claim(self, i: int, q: int) -> tuple[int, int]:
+        """Give token q (absolute index) its slot in layer i's allocated arrays -> (slot, n): its K/V row goes
+        to the slot, and a query now attends over the first n slots (the held ones are always a prefix)."""
+        slots = self._slots[i]
+        slot = q % slots.size
+        slots[slot] = q
+        return slot, int(np.count_nonzero(slots >= 0))
+
     def extend(self, i, k, v, q_idx, kind, window):
         B, T, K, Dh = k.shape
         if i not in self.keys:
@@ -797,9 +820,8 @@ class RingKVCache(KVCache):
             if T > 1:  # empty cache, long prompt: attend over the new rows directly
                 k_att, v_att, idx_att = k, v, q_idx
             else:
-                slot = int(q_idx[0] % cap)
-                keys[:, slot], values[:, slot], slots[slot] = k[:, 0], v[:, 0], q_idx[0]
-                n = int((slots >= 0).sum())
+                slot, n = self.claim(i, int(q_idx[0]))
+                keys[:, slot], values[:, slot] = k[:, 0], v[:, 0]
                 return keys[:, :n], values[:, :n], slots[:n]
         else:
             held = np.flatnonzero(filled)
