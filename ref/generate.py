@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from .decoder import decoder_forward
-
 
 def select(logits: np.ndarray, suppress: tuple[int, ...], temperature: float, top_k: int | None,
            top_p: float | None, rng: np.random.Generator) -> np.ndarray:
@@ -65,7 +63,7 @@ def generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 0.
     x = model.embed(ids, **media)
     block = model.blocks(mm_token_type_ids, ids.shape)
     for step in range(max_new_tokens):
-        h = decoder_forward(x, model.decoder_params, cfg, positions, key_ok, block, cache, kern=model.kernels)
+        h = model.run_decoder(x, positions, key_ok, block, cache)
         logits = model.kernels.lm_head(h[:, -1:], model.head, cfg.final_logit_softcapping)[:, 0]
         nxt = select(logits, cfg.suppress_tokens, temperature, top_k, top_p, rng)
         nxt = np.where(done, cfg.pad_token_id, nxt)

@@ -70,6 +70,13 @@ class Model:
             mm_token_type_ids = None
         return block_ids(mm_token_type_ids, shape)
 
+    def run_decoder(self, x: np.ndarray, positions: np.ndarray, key_ok: np.ndarray, block: np.ndarray,
+                    cache: KVCache | None = None, trace=None) -> np.ndarray:
+        """inputs_embeds [B, T, D] -> final-normed hidden states [B, T, D]: `decoder_forward` with this
+        model's weights and kernels (fast/'s CPU model compiles a decoding step whole here)."""
+        return decoder_forward(x, self.decoder_params, self.config, positions, key_ok, block, cache, trace,
+                               self.kernels)
+
     def forward(self, input_ids, pixel_values=None, image_position_ids=None, pixel_values_videos=None,
                 video_position_ids=None, num_frames_per_video=None, input_features=None, input_features_mask=None,
                 mm_token_type_ids=None, attention_mask=None, position_ids=None, trace=None) -> np.ndarray:
@@ -90,8 +97,7 @@ class Model:
         key_ok = np.ones((B, T), bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
         positions = np.broadcast_to(np.arange(T), (B, T)) if position_ids is None else np.asarray(position_ids)
         positions = np.broadcast_to(positions, (B, T))
-        h = decoder_forward(x, self.decoder_params, self.config, positions, key_ok,
-                            self.blocks(mm_token_type_ids, (B, T)), trace=trace, kern=self.kernels)
+        h = self.run_decoder(x, positions, key_ok, self.blocks(mm_token_type_ids, (B, T)), trace=trace)
         logits = self.kernels.lm_head(h, self.head, self.config.final_logit_softcapping)
         if trace is not None:
             trace("logits", logits)
