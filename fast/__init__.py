@@ -30,15 +30,31 @@ class CpuModel(Model):
         self._cpu = cpu
         self.kernels = cpu.KERNELS
         self._cache_type = cpu.RingKVCache
+        self._step = None  # fast.step.DecodeStep, built at the first cached step
+        self.whole_step = True  # False: decoding steps run ref's layer code with fast's kernels, call by call
         cpu.keep_freed_memory()
 
     def new_cache(self, batch: int, max_len: int):
         return self._cache_type(batch, max_len)
 
+    def run_decoder(self, x, positions, key_ok, block, cache=None, trace=None):
+        """ref's decoder, except that a cached step of one token runs compiled whole (fast/step.py)."""
+        if self.whole_step and trace is None and cache is not None:
+            if self._step is None:
+                from .step import DecodeStep
+
+                self._step = DecodeStep(self.config, self.decoder_params)
+            if self._step.usable(x, cache):
+                return self._step(x, positions, key_ok, block, cache)
+        return super().run_decoder(x, positions, key_ok, block, cache, trace)
+
     def compile(self) -> float:
         """Compile (or load from Numba's cache) every kernel now -> seconds it took."""
+        from .step import compile_step
+
         t0 = time.perf_counter()
         self._cpu.compile_kernels()
+        compile_step()
         return time.perf_counter() - t0
 
 

@@ -427,9 +427,9 @@ def test_keep_freed_memory_applies_on_glibc():
 
 
 def test_compile_kernels_leaves_nothing_to_compile_for_a_bf16_model(tmp_path):
-    """After `compile_kernels()`, prefill and decode of a bf16 checkpoint add no Numba specialisation
-    (so `python -m ref.run --backend fast` times the model, not the compiler). A fresh process: in this
-    one, earlier tests have compiled specialisations already."""
+    """After `model.compile()`, prefill and decode (the compiled step and the layer code) of a bf16
+    checkpoint add no Numba specialisation (so `python -m ref.run --backend fast` times the model, not the
+    compiler). A fresh process: in this one, earlier tests have compiled specialisations already."""
     import ast
     import subprocess
 
@@ -437,14 +437,16 @@ def test_compile_kernels_leaves_nothing_to_compile_for_a_bf16_model(tmp_path):
     path = write_checkpoint(tmp_path / "ckpt", hf, random_tensors(hf, dtype="BF16"))
     script = f"""
 import numpy as np, fast
-from fast import cpu
+from fast import cpu, step
 model = fast.load_model({str(path)!r})
 model.compile()
 names = ["_gemv_bf16", "_upcast_rows", "_rms_norm", "_decode_serial", "_decode_parallel", "_combine", "_gelu_arg",
          "_gelu_finish", "_rope", "_softmax_tile"]
-before = {{n: set(getattr(cpu, n).signatures) for n in names}}
-model.generate(np.arange(3, 43)[None], max_new_tokens=3)
-print({{n: len(set(getattr(cpu, n).signatures) - before[n]) for n in names}})
+kernels = {{n: getattr(cpu, n) for n in names}} | {{n: getattr(step, n) for n in ["_layers", "_tanh_inplace"]}}
+before = {{n: set(k.signatures) for n, k in kernels.items()}}
+for rows in (1, 2):  # one sequence decodes through the compiled step, two through the layer code
+    model.generate(np.arange(3, 43)[None].repeat(rows, axis=0), max_new_tokens=3)
+print({{n: len(set(k.signatures) - before[n]) for n, k in kernels.items()}})
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -7,7 +7,12 @@ bookkeeping), the embedding and the token's selection. A timer costs about a mic
 lands in the row it wraps (a decoded token makes ~200 calls). The README's "Where the time goes" comes
 from this tool.
 
+A decoding step runs compiled whole (fast/step.py): its layers are one row, `_layers`, and the Python
+around them (the cache's slots, the masks, RoPE tables) the row `DecodeStep.__call__`. `--layer-code`
+decodes through ref's layer code with fast's kernels instead, which splits the step kernel by kernel.
+
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python tools/profile_fast.py [--prompt 512] [--decode 32]
+        [--layer-code]
 """
 
 from __future__ import annotations
@@ -45,6 +50,10 @@ ROWS = {  # fast.cpu function -> what its own time is
     "apply_rope": "RoPE (kernel and wrapper)",
     "lm_head": "head: soft-capping",
 }
+STEP_ROWS = {  # fast.step names -> what their own time is
+    "_layers": "decode: every layer compiled whole (GEMVs, attention, norms, RoPE, GELU)",
+    "DecodeStep.__call__": "decode: the step's Python side (slots, masks, RoPE tables) and the final norm",
+}
 
 
 class Timers:
@@ -52,6 +61,7 @@ class Timers:
 
     def __init__(self):
         self.own, self.calls, self._stack, self.on = defaultdict(float), defaultdict(int), [], False
+        self.saved = []  # (owner, attribute, original) of what `instrument` wrapped
 
     def wrap(self, name: str, f):
         def timed(*args, **kwargs):
@@ -70,19 +80,29 @@ class Timers:
                     self._stack[-1] += spent
         return timed
 
+    def uninstrument(self):
+        """Put back every function `instrument` wrapped."""
+        for owner, attr, f in self.saved:
+            setattr(owner, attr, f)
+        self.saved.clear()
+
     def reset(self):
         self.own.clear()
         self.calls.clear()
 
 
 def instrument(model) -> Timers:
-    """Wrap ROWS in fast.cpu and give `model` kernels that call the wrapped functions -> the timers."""
-    from fast import cpu
+    """Wrap ROWS in fast.cpu and STEP_ROWS in fast.step, and give `model` kernels that call the wrapped
+    functions -> the timers (`Timers.uninstrument` puts the functions back)."""
+    from fast import cpu, step
     from ref.decoder import Kernels
 
     timers = Timers()
-    for name in ROWS:
-        setattr(cpu, name, timers.wrap(name, getattr(cpu, name)))
+    places = [(cpu, name, name) for name in ROWS] + [(step, "_layers", "_layers"),
+                                                      (step.DecodeStep, "__call__", "DecodeStep.__call__")]
+    for owner, attr, row in places:
+        timers.saved.append((owner, attr, getattr(owner, attr)))
+        setattr(owner, attr, timers.wrap(row, getattr(owner, attr)))
     model.kernels = Kernels(**{f.name: getattr(cpu, f.name) for f in dataclasses.fields(Kernels)})
     return timers
 
@@ -90,40 +110,46 @@ def instrument(model) -> Timers:
 def profile(model, ids: np.ndarray, n_decode: int, repeats: int = 3) -> dict:
     """-> {"prefill": (seconds, {row: (calls, seconds)}), "decode": (seconds per token, {row: (calls per
     token, seconds per token)})}. Prefill: the fastest of `repeats` one-token generations; decode: the
-    steps after the first token of one generation, as means per token."""
+    steps after the first token of one generation, as means per token. The functions are unwrapped again
+    on return."""
+    model.compile()  # before wrapping: the compiled step must see fast.cpu's kernels, not the timers
     timers = instrument(model)
-    model.generate(ids, max_new_tokens=2)  # warm-up
-    best = None
-    for _ in range(repeats):
-        timers.reset()
-        timers.on = True
-        t = time.perf_counter()
-        model.generate(ids, max_new_tokens=1)
-        total = time.perf_counter() - t
-        timers.on = False
-        if best is None or total < best[0]:
-            best = (total, {n: (timers.calls[n], timers.own[n]) for n in timers.own})
-    stamps: list[float] = []
-
-    def on_token(_):
-        stamps.append(time.perf_counter())
-        if len(stamps) == 1:  # the prefill is done: time the steps from here
+    try:
+        model.generate(ids, max_new_tokens=2)  # warm-up
+        best = None
+        for _ in range(repeats):
             timers.reset()
             timers.on = True
+            t = time.perf_counter()
+            model.generate(ids, max_new_tokens=1)
+            total = time.perf_counter() - t
+            timers.on = False
+            if best is None or total < best[0]:
+                best = (total, {n: (timers.calls[n], timers.own[n]) for n in timers.own})
+        stamps: list[float] = []
 
-    model.generate(ids, max_new_tokens=1 + n_decode, on_token=on_token)
-    timers.on = False
-    n = len(stamps) - 1
-    decode = ((stamps[-1] - stamps[0]) / n, {k: (timers.calls[k] / n, timers.own[k] / n) for k in timers.own})
+        def on_token(_):
+            stamps.append(time.perf_counter())
+            if len(stamps) == 1:  # the prefill is done: time the steps from here
+                timers.reset()
+                timers.on = True
+
+        model.generate(ids, max_new_tokens=1 + n_decode, on_token=on_token)
+        timers.on = False
+        n = len(stamps) - 1
+        decode = ((stamps[-1] - stamps[0]) / n, {k: (timers.calls[k] / n, timers.own[k] / n) for k in timers.own})
+    finally:
+        timers.uninstrument()
     return {"prefill": best, "decode": decode}
 
 
 def table(title: str, total: float, rows: dict) -> str:
-    lines = [f"{title}: {total * 1e3:.2f} ms", f"  {'function':18} {'calls':>7} {'ms':>8} {'share':>6}"]
+    lines = [f"{title}: {total * 1e3:.2f} ms", f"  {'function':19} {'calls':>7} {'ms':>8} {'share':>6}"]
     for name, (calls, own) in sorted(rows.items(), key=lambda kv: -kv[1][1]):
-        lines.append(f"  {name:18} {calls:7.0f} {own * 1e3:8.2f} {own / total:6.1%}  {ROWS[name]}")
+        what = ROWS.get(name) or STEP_ROWS[name]
+        lines.append(f"  {name:19} {calls:7.0f} {own * 1e3:8.2f} {own / total:6.1%}  {what}")
     rest = total - sum(own for _, own in rows.values())
-    lines.append(f"  {'rest':18} {'':7} {rest * 1e3:8.2f} {rest / total:6.1%}  ref's layer code, embedding, masks, "
+    lines.append(f"  {'rest':19} {'':7} {rest * 1e3:8.2f} {rest / total:6.1%}  ref's layer code, embedding, masks, "
                  "cache bookkeeping, token selection")
     return "\n".join(lines)
 
@@ -136,11 +162,13 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--layer-code", action="store_true", help="decode through ref's layer code, kernel by kernel")
     args = ap.parse_args(argv)
     hf = bench_config(args.layers)
     with tempfile.TemporaryDirectory() as tmp:
         model = fast.load_model(write_bench_checkpoint(Path(tmp), hf))
         model.compile()
+        model.whole_step = not args.layer_code
         bw = read_bandwidth()
         r = profile(model, bench_prompt(args.prompt), args.decode)
         bw = max(bw, read_bandwidth())

@@ -1,0 +1,309 @@
+"""One cached decoding step of one sequence, compiled whole (as gpt-fast compiles its decode step).
+
+A decode step is 1 token through every layer: per layer about 20 kernel calls and 30 small numpy
+operations of ref's layer code, each costing a few microseconds of Python and dispatch. On the bench
+model that was ~0.6-0.9 ms of an 8 ms token, time in which memory sits idle. Here one compiled function
+runs ref.decoder's steps 1-5 for every layer by calling fast.cpu's kernels in ref's order, so the result
+is the unfused path's bit for bit (tested): the same kernels on the same arrays, and numpy's own tanh
+loop called from compiled code for GELU. Python keeps what is not arithmetic: the cache's slots and the
+masks (ref's MaskSpec), the RoPE tables. Anything else (batches, prompts, float32/float16 weights,
+attention biases, traces) takes ref's layer code with fast's kernels, as before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import numba as nb
+import numpy as np
+from llvmlite import ir
+from numba.core import types
+from numba.extending import intrinsic
+from numba.typed import List
+
+from ref.config import FULL, SLIDING
+from ref.layers import rope_cos_sin, rope_inv_freq
+from ref.masks import MaskSpec
+from ref.safetensors_io import Bf16, to_f32
+
+from . import cpu
+
+# Columns of the per-layer table (int64 [L, 10]).
+KIND, ROPE, DH, H, K, MODE, SRC, N, SLOT, INTER = range(10)
+OWN, K_EQ_V, SHARED = 0, 1, 2  # MODE: own q/k/v projections; V from k_proj; K/V of an earlier layer
+Q, KP, VP, O, GATE, UP, DOWN = range(7)  # a layer's matrices in `mats`, at 7 * layer + these
+IN_LN, Q_NORM, K_NORM, V_NORM, POST_ATTN, PRE_FF, POST_FF = range(7)  # its norms, at 7 * layer + these
+
+
+# ---- numpy's float32 tanh, callable from compiled code ------------------------------------------
+
+def numpy_loop(ufunc: np.ufunc, signature: str) -> tuple[int, int]:
+    """-> (function, data) addresses of the ufunc's inner loop for `signature` (e.g. "f->f"), read from
+    the PyUFuncObject (numpy/ufuncobject.h: PyObject_HEAD, int nin, nout, nargs, identity, then the
+    `functions` and `data` arrays and `ntypes`), or (0, 0) where that layout does not hold."""
+    base, p = id(ufunc), ctypes.sizeof(ctypes.c_void_p)
+    head = 2 * p  # ob_refcnt, ob_type
+    ints = [ctypes.c_int.from_address(base + head + 4 * i).value for i in range(3)]
+    functions = ctypes.c_void_p.from_address(base + head + 16).value
+    data = ctypes.c_void_p.from_address(base + head + 16 + p).value
+    ntypes = ctypes.c_int.from_address(base + head + 16 + 2 * p).value
+    if ints != [ufunc.nin, ufunc.nout, ufunc.nargs] or ntypes != ufunc.ntypes or not functions:
+        return 0, 0
+    i = ufunc.types.index(signature)
+    fn = ctypes.c_void_p.from_address(functions + p * i).value or 0
+    return fn, (ctypes.c_void_p.from_address(data + p * i).value or 0) if data else 0
+
+
+@intrinsic
+def _call_loop(typingctx, fn, data, args, dims, steps):
+    """Call a ufunc inner loop fn(char **args, npy_intp *dims, npy_intp *steps, void *data); fn and data
+    are addresses, args/dims/steps intp arrays (kept alive by being arguments here)."""
+    sig = types.void(fn, data, args, dims, steps)
+
+    def codegen(context, builder, signature, a):
+        ptr = ir.IntType(8).as_pointer()
+        fnty = ir.FunctionType(ir.VoidType(), [ptr] * 4)
+        arrays = [context.make_array(t)(context, builder, v).data for t, v in zip(signature.args[2:], a[2:])]
+        target = builder.inttoptr(a[0], fnty.as_pointer())
+        builder.call(target, [builder.bitcast(x, ptr) for x in arrays] + [builder.inttoptr(a[1], ptr)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@nb.njit(cache=True)
+def _tanh_inplace(t, loop):
+    """t [n] float32 contiguous <- tanh(t) by numpy's loop; loop = (function, data) addresses."""
+    args = np.empty(2, np.intp)
+    args[0] = args[1] = t.ctypes.data
+    dims = np.full(1, t.size, np.intp)
+    steps = np.full(2, 4, np.intp)
+    _call_loop(loop[0], loop[1], args, dims, steps)
+
+
+def _tanh_loop() -> np.ndarray | None:
+    """numpy's float32 tanh loop as an intp [2] for `_tanh_inplace`, if calling it gives np.tanh's values
+    bit for bit on a probe of values (else None, and no step is compiled whole)."""
+    fn, data = numpy_loop(np.tanh, "f->f")
+    if not fn:
+        return None
+    loop = np.array([fn, data], np.intp)
+    probe = np.concatenate([np.linspace(-12, 12, 4099, dtype=np.float32), np.float32([0.0, -0.0, 1e-30])])
+    got = probe.copy()
+    _tanh_inplace(got, loop)
+    return loop if np.array_equal(got.view(np.uint32), np.tanh(probe).view(np.uint32)) else None
+
+
+# ---- the compiled step --------------------------------------------------------------------------
+
+@nb.njit(cache=True)
+def _norm(x, w, eps):
+    """x [R, N] -> rms_norm rows, a new array."""
+    out = np.empty_like(x)
+    cpu._rms_norm(x, w, eps, out)
+    return out
+
+
+@nb.njit(cache=True)
+def _add(x, y):
+    """x += y elementwise (float32, as numpy's x + y). x, y [1, N]."""
+    for i in range(x.shape[1]):
+        x[0, i] = x[0, i] + y[0, i]
+
+
+@nb.njit(cache=True)
+def _key_chunk(hq, dh, n, threads):
+    """Keys per split-key attention program, as fast.cpu.decode_attention picks them: about two programs
+    per thread when the work pays for threads, else one program over all n keys."""
+    if hq * n * dh > cpu.PARALLEL_ATTENTION_WORK:
+        return max(cpu.MIN_KEY_CHUNK, -(-n // (2 * threads)))
+    return n
+
+
+# Numba segfaults when a cached function calls a parallel one and is later loaded from its cache
+# (numba issue #8578), so the step's parallel loops are prange loops of its own, over fast.cpu's
+# per-program kernels; `parallel` is limited to them (no implicit parallel array expressions).
+PRANGE_ONLY = {"prange": True, "comprehension": False, "reduction": False, "inplace_binop": False,
+               "setitem": False, "numpy": False, "stencil": False, "fusion": False}
+
+
+@nb.njit(parallel=PRANGE_ONLY, cache=True)
+def _layers(x, table, mats, norms, scalars, keys, values, masks, cos, sin, eps, tanh_loop, threads):
+    """x [1, D] float32 <- every layer's output for one token (ref.decoder steps 1-5 per layer).
+    table [L, 10] (columns KIND..INTER), mats: 7 bf16 matrices per layer (Q..DOWN; unused ones repeat q),
+    norms: 7 float32 norm weights per layer (IN_LN..POST_FF; V_NORM is ones: v's norm has no scale), scalars
+    [L] layer_scalar, keys/values: one [cap, K, Dh] cache per layer that has its own K/V (row SRC of the
+    table), masks [kinds, cap] bool, cos/sin [ropes, max Dh] for this token's position, threads: the
+    thread count (nb.get_num_threads(), passed in: calling it here would keep Numba from caching this).
+    Every GEMV takes three matrices and runs over the first `count` of them, so one loop serves all."""
+    D = x.shape[1]
+    for i in range(table.shape[0]):
+        t = table[i]
+        dh, hq, kv, mode, src, n = t[DH], t[H], t[K], t[MODE], t[SRC], t[N]
+        w = 7 * i
+        nq, nk = hq * dh, kv * dh
+        h = _norm(x, norms[7 * i + IN_LN], eps)  # 1
+        ws = (mats[w + Q], mats[w + KP], mats[w + VP])  # 2
+        count = 1 if mode == SHARED else 2 if mode == K_EQ_V else 3
+        first, col = cpu._gemv_layout(ws, count)
+        proj = np.empty((1, col[count]), np.float32)
+        for pid in nb.prange(first[count]):
+            cpu._gemv_program(h, ws, first, col, pid, proj)
+        c, s = cos[t[ROPE]:t[ROPE] + 1, :dh], sin[t[ROPE]:t[ROPE] + 1, :dh]
+        q = np.empty((1, 1, hq, dh), np.float32)
+        cpu._rope(_norm(proj[:, :nq].copy().reshape(hq, dh), norms[7 * i + Q_NORM], eps).reshape(1, hq, dh),
+                  c, s, q[0])
+        if mode != SHARED:  # k_eq_v: v is k's projection, taken before k_norm and RoPE
+            kraw = proj[:, nq:nq + nk].copy().reshape(kv, dh)
+            vraw = kraw if mode == K_EQ_V else proj[:, nq + nk:].copy().reshape(kv, dh)
+            slot = t[SLOT]
+            cpu._rope(_norm(kraw, norms[7 * i + K_NORM], eps).reshape(1, kv, dh), c, s, keys[src][slot:slot + 1])
+            values[src][slot] = _norm(vraw, norms[7 * i + V_NORM], eps)
+        chunk = _key_chunk(hq, dh, n, threads)  # attention over the first n slots, split by keys
+        C = -(-n // chunk)
+        part_m, part_l = np.empty((1, C, 1, hq), np.float32), np.empty((1, C, 1, hq), np.float32)
+        part_acc = np.empty((1, C, 1, hq, dh), np.float32)
+        k4, v4 = keys[src][:n].reshape(1, n, kv, dh), values[src][:n].reshape(1, n, kv, dh)
+        m3 = masks[t[KIND]][:n].reshape(1, 1, n)
+        for pid in nb.prange(C):
+            cpu._decode_program(q, k4, v4, m3, chunk, part_m, part_l, part_acc, pid)
+        a = np.empty((1, 1, hq, dh), np.float32)
+        cpu._combine(v4, part_m, part_l, part_acc, a)
+        ws = (mats[w + O], mats[w + O], mats[w + O])
+        first, col = cpu._gemv_layout(ws, 1)
+        o = np.empty((1, D), np.float32)
+        for pid in nb.prange(first[1]):
+            cpu._gemv_program(a.reshape(1, nq), ws, first, col, pid, o)
+        _add(x, _norm(o, norms[7 * i + POST_ATTN], eps))  # 3
+        h = _norm(x, norms[7 * i + PRE_FF], eps)  # 4
+        inter = t[INTER]
+        ws = (mats[w + GATE], mats[w + UP], mats[w + UP])
+        first, col = cpu._gemv_layout(ws, 2)
+        gu = np.empty((1, 2 * inter), np.float32)
+        for pid in nb.prange(first[2]):
+            cpu._gemv_program(h, ws, first, col, pid, gu)
+        g, u = gu[:, :inter].copy(), gu[:, inter:].copy()
+        th = np.empty((1, inter), np.float32)
+        cpu._gelu_arg(g, th)
+        _tanh_inplace(th.reshape(inter), tanh_loop)
+        cpu._gelu_finish(g, th, u)
+        ws = (mats[w + DOWN], mats[w + DOWN], mats[w + DOWN])
+        first, col = cpu._gemv_layout(ws, 1)
+        d = np.empty((1, D), np.float32)
+        for pid in nb.prange(first[1]):
+            cpu._gemv_program(g, ws, first, col, pid, d)
+        _add(x, _norm(d, norms[7 * i + POST_FF], eps))
+        x *= scalars[i]  # 5
+
+
+# ---- the Python side ----------------------------------------------------------------------------
+
+def _f32(w, n: int) -> np.ndarray:
+    """A norm weight (or None: ones) -> float32 [n], upcast exactly."""
+    return np.ones(n, np.float32) if w is None else np.ascontiguousarray(to_f32(w), np.float32).reshape(n)
+
+
+class DecodeStep:
+    """The compiled step for one model: its weights gathered into typed lists once. Call with
+    (x [1, 1, D], positions [1, 1], key_ok, block [1, 1], a RingKVCache after its prefill) -> final-normed
+    hidden states [1, 1, D], as ref.decoder.decoder_forward; `usable` says whether it applies."""
+
+    def __init__(self, cfg, params):
+        self.cfg = cfg
+        lm = params
+        self.tanh_loop = _tanh_loop()
+        self.ok = self.tanh_loop is not None and not cfg.attention_bias and all(
+            s.head_dim % 2 == 0 for s in cfg.layers) and all(
+            isinstance(lm.layers[i][g][n].weight, Bf16) for i, spec in enumerate(cfg.layers)
+            for g, n in [("self_attn", "q_proj"), ("self_attn", "o_proj"), ("mlp", "gate_proj"),
+                         ("mlp", "up_proj"), ("mlp", "down_proj")]
+            + ([] if cfg.kv_shared(i) else [("self_attn", "k_proj")])
+            + ([] if cfg.kv_shared(i) or spec.k_eq_v else [("self_attn", "v_proj")]))
+        if not self.ok:
+            return
+        self.kinds = sorted({s.kind for s in cfg.layers})
+        self.ropes = sorted({(s.rope, s.head_dim) for s in cfg.layers}, key=repr)
+        self.own = [i for i in range(cfg.num_layers) if not cfg.kv_shared(i)]
+        mats, norms = List(), List()
+        table = np.zeros((cfg.num_layers, 10), np.int64)
+        for i, spec in enumerate(cfg.layers):
+            p, a = lm.layers[i], lm.layers[i].self_attn
+            names = [a.q_proj, a.q_proj if cfg.kv_shared(i) else a.k_proj,
+                     a.q_proj if cfg.kv_shared(i) or spec.k_eq_v else a.v_proj, a.o_proj,
+                     p.mlp.gate_proj, p.mlp.up_proj, p.mlp.down_proj]
+            for m in names:
+                mats.append(cpu._read_only(m.weight.bits))
+            D = cfg.hidden_size
+            for w, n in [(p.input_layernorm.weight, D), (a.q_norm.weight, spec.head_dim),
+                         (a.k_norm.weight if not cfg.kv_shared(i) else None, spec.head_dim), (None, spec.head_dim),
+                         (p.post_attention_layernorm.weight, D), (p.pre_feedforward_layernorm.weight, D),
+                         (p.post_feedforward_layernorm.weight, D)]:
+                norms.append(_f32(w, n))
+            mode = SHARED if cfg.kv_shared(i) else K_EQ_V if spec.k_eq_v else OWN
+            table[i, [KIND, ROPE, DH, H, K, MODE, SRC, INTER]] = (
+                self.kinds.index(spec.kind), self.ropes.index((spec.rope, spec.head_dim)), spec.head_dim,
+                cfg.num_attention_heads, spec.num_kv_heads, mode, self.own.index(spec.kv_source),
+                spec.intermediate_size)
+        self.mats, self.norms, self.table = mats, norms, table
+        self.final_norm = _f32(lm.norm.weight, cfg.hidden_size)
+        self.scalars = np.array([to_f32(lm.layers[i].layer_scalar).reshape(-1)[0] for i in range(cfg.num_layers)],
+                                np.float32)
+        dh = max(s.head_dim for s in cfg.layers)
+        self.readers = [np.flatnonzero(table[:, SRC] == j) for j in range(len(self.own))]  # layers using cache j
+        self.inv_freq = [rope_inv_freq(r, d) for r, d in self.ropes]
+        self.cos, self.sin = np.zeros((len(self.ropes), dh), np.float32), np.zeros((len(self.ropes), dh), np.float32)
+
+    def usable(self, x: np.ndarray, cache) -> bool:
+        """One token of one sequence, after a prefill filled every layer's cache."""
+        return (self.ok and x.shape[:2] == (1, 1) and isinstance(cache, cpu.RingKVCache)
+                and cache.length > 0 and all(i in cache.keys for i in self.own))
+
+    def __call__(self, x, positions, key_ok, block, cache) -> np.ndarray:
+        cfg = self.cfg
+        start = cache.append_tokens(key_ok, block)
+        lists = getattr(cache, "_step_lists", None)
+        if lists is None:  # the cache's arrays, fixed once the prefill allocated them
+            lists = cache._step_lists = (List([cache.keys[i][0] for i in self.own]),
+                                         List([cache.values[i][0] for i in self.own]))
+        held = {}
+        for j, i in enumerate(self.own):
+            slot, n = cache.claim(i, start)
+            held[cfg.layers[i].kind] = (i, n)
+            self.table[self.readers[j], N] = n
+            self.table[i, SLOT] = slot
+        cap = max(n for _, n in held.values())
+        masks = np.zeros((len(self.kinds), cap), bool)
+        q_idx = np.array([start])
+        for kind, (i, n) in held.items():
+            k_idx = cache._slots[i][:n]
+            masks[self.kinds.index(kind), :n] = MaskSpec(
+                cfg, kind, q_idx, k_idx, cache.key_ok[:, k_idx], cache.block[:, start:start + 1],
+                cache.block[:, k_idx]).dense()[0, 0]
+        for r, inv in enumerate(self.inv_freq):
+            c, s = rope_cos_sin(np.asarray(positions).reshape(1, 1), inv)
+            self.cos[r, :inv.size * 2], self.sin[r, :inv.size * 2] = c.reshape(-1), s.reshape(-1)
+        if cpu._BLAS_RAN[0]:
+            cpu.park_blas_threads()
+        h = np.ascontiguousarray(x, np.float32).reshape(1, -1).copy()
+        _layers(h, self.table, self.mats, self.norms, self.scalars, lists[0], lists[1], masks,
+                self.cos, self.sin, np.float32(cfg.rms_norm_eps), self.tanh_loop,
+                nb.get_num_threads())
+        out = np.empty_like(h)
+        cpu._rms_norm(h, self.final_norm, np.float32(cfg.rms_norm_eps), out)
+        return out.reshape(1, 1, -1)
+
+
+def compile_step() -> None:
+    """Compile `_layers` (or load it from Numba's cache) with the types a model passes, on a one-layer
+    model of 4-wide tensors, so that the first decoded token does not pay for it."""
+    loop = _tanh_loop()
+    if loop is None:
+        return
+    w = np.full((4, 4), 0x3F80, np.uint16)
+    w.flags.writeable = False
+    table = np.zeros((1, 10), np.int64)
+    table[0, [DH, H, K, MODE, N, INTER]] = (4, 1, 1, OWN, 1, 4)
+    kv = np.zeros((2, 1, 4), np.float32)
+    _layers(np.ones((1, 4), np.float32), table, List([w] * 7), List([np.ones(4, np.float32)] * 7),
+            np.ones(1, np.float32), List([kv]), List([kv.copy()]), np.ones((1, 2), bool),
+            np.ones((1, 4), np.float32), np.zeros((1, 4), np.float32), np.float32(1e-6), loop, 2)

@@ -1,0 +1,144 @@
+"""fast/step.py: a cached decoding step compiled whole must give what ref's layer code gives with fast's
+kernels, bit for bit, and ref's numbers within float32 rounding; everything it does not cover falls back."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fast
+import ref
+from fast import step
+from ref.config import tiny_hf_dict
+from ref.model import Model
+from ref.tiny import random_tensors, write_checkpoint
+
+
+def _count_layers_calls(monkeypatch) -> list:
+    calls = []
+    real = step._layers
+
+    def counted(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(step, "_layers", counted)
+    return calls
+
+
+def _steps(model, run, ids, new_ids, key_ok, block) -> list[np.ndarray]:
+    """Prefill ids [1, T], then one cached step per id of new_ids, each through `run` (a run_decoder) ->
+    the final-normed hidden state of every step [1, 1, D] (prefill's last position first)."""
+    T = ids.shape[1]
+    cache = model.new_cache(1, T + len(new_ids))
+    positions = np.where(key_ok, np.cumsum(key_ok, axis=1) - 1, 0)
+    out = [run(model.embed(ids), positions, key_ok, block, cache)[:, -1:]]
+    for j, t in enumerate(new_ids):
+        pos = positions[:, -1:] + 1 + j
+        out.append(run(model.embed(np.array([[t]])), pos, np.ones((1, 1), bool), np.full((1, 1), -1), cache))
+    return out
+
+
+configs = st.fixed_dictionaries({
+    "num_hidden_layers": st.integers(2, 7), "sliding_window": st.integers(2, 9),
+    "attention_k_eq_v": st.booleans(), "num_key_value_heads": st.sampled_from([1, 2, 4]),
+    "head_dim": st.sampled_from([8, 12, 16]), "use_bidirectional_attention": st.sampled_from(["vision", None]),
+    "num_kv_shared_layers": st.integers(0, 2), "use_double_wide_mlp": st.booleans(),
+})
+
+
+@settings(deadline=None, max_examples=20, suppress_health_check=[HealthCheck.too_slow,
+                                                                   HealthCheck.function_scoped_fixture])
+@given(c=configs, length=st.integers(1, 16), pad=st.integers(0, 2), image=st.booleans(), seed=st.integers(0, 999))
+def test_compiled_step_equals_the_layer_code_bit_for_bit(tmp_path_factory, monkeypatch, c, length, pad, image,
+                                                         seed):
+    """Every decoding step, across the sliding ring's wrap (12 steps past windows of 2-9), with KV-shared
+    and k_eq_v layers, left padding and a vision block in the prompt: the compiled step's hidden state is
+    ref's layer code's (with fast's kernels) bit for bit, and ref's own within 1e-5."""
+    n = c["num_hidden_layers"]  # a full layer early, so that a shared last (full) layer has a source
+    c["layer_types"] = ["sliding_attention", "full_attention"] + ["sliding_attention"] * (n - 3) + ["full_attention"]
+    c["layer_types"] = c["layer_types"][:n]
+    c["num_kv_shared_layers"] = min(c["num_kv_shared_layers"], n - 2)
+    hf = tiny_hf_dict(**c)
+    d = write_checkpoint(tmp_path_factory.mktemp("m"), hf, random_tensors(hf, seed, "BF16"))
+    model, peer = fast.load_model(d), ref.load_model(d)
+    rng = np.random.default_rng(seed)
+    T = pad + length + 1
+    ids = rng.integers(3, 400, (1, T))
+    key_ok = np.arange(T)[None] >= pad
+    block = np.full((1, T), -1)
+    if image and length >= 3:
+        block[0, pad + 1:pad + 3] = 0
+    new_ids = rng.integers(3, 400, 12)
+    calls = _count_layers_calls(monkeypatch)
+    fused = _steps(model, model.run_decoder, ids, new_ids, key_ok, block)
+    assert len(calls) == len(new_ids), "the compiled step did not run"
+    plain = _steps(model, lambda *a: Model.run_decoder(model, *a), ids, new_ids, key_ok, block)
+    assert len(calls) == len(new_ids)
+    want = _steps(peer, peer.run_decoder, ids, new_ids, key_ok, block)
+    for s, (f, p, w) in enumerate(zip(fused, plain, want)):
+        assert np.array_equal(f, p), f"step {s}: compiled and layer code differ by {np.abs(f - p).max()}"
+        np.testing.assert_allclose(f, w, rtol=1e-5, atol=1e-5 * np.abs(w).max())
+
+
+def _checkpoint(tmp_path, dtype="BF16", **overrides):
+    hf = tiny_hf_dict(**overrides)
+    return write_checkpoint(tmp_path / "m", hf, random_tensors(hf, 3, dtype))
+
+
+def test_generate_uses_the_compiled_step_and_gives_refs_tokens(tmp_path, monkeypatch):
+    d = _checkpoint(tmp_path)
+    calls = _count_layers_calls(monkeypatch)
+    ids = np.arange(3, 20)[None]
+    got = fast.load_model(d).generate(ids, max_new_tokens=6)
+    assert len(calls) == got.shape[1] - 1  # every token after the prefill's
+    np.testing.assert_array_equal(got, ref.load_model(d).generate(ids, max_new_tokens=6))
+
+
+@pytest.mark.parametrize("case", ["batch", "float32", "bias", "no_cache", "wrong_tanh"])
+def test_what_the_compiled_step_does_not_cover_takes_the_layer_code(tmp_path, monkeypatch, case):
+    """Two sequences, float32 weights, attention biases, no cache, or a tanh loop that is not numpy's
+    (the probe's fallback): no compiled step, and the tokens are still ref's."""
+    d = _checkpoint(tmp_path, "F32" if case == "float32" else "BF16",
+                    **({"attention_bias": True} if case == "bias" else {}))
+    if case == "wrong_tanh":
+        real = step.numpy_loop
+        monkeypatch.setattr(step, "numpy_loop", lambda ufunc, sig: real(np.sin, sig))
+    calls = _count_layers_calls(monkeypatch)
+    ids = np.arange(3, 20)[None].repeat(2 if case == "batch" else 1, axis=0)
+    kw = {"use_cache": False} if case == "no_cache" else {}
+    got = fast.load_model(d).generate(ids, max_new_tokens=4, **kw)
+    assert not calls
+    np.testing.assert_array_equal(got, ref.load_model(d).generate(ids, max_new_tokens=4, **kw))
+
+
+def test_numpys_tanh_loop_called_from_compiled_code_is_np_tanh():
+    loop = step._tanh_loop()
+    assert loop is not None, "numpy's float32 tanh loop was not found"
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0, 4, 100_003).astype(np.float32),
+                        np.float32([np.inf, -np.inf, np.nan, 0.0, -0.0, 1e-40, -1e-40, 9.0, -9.0, 20.0])])
+    got = x.copy()
+    step._tanh_inplace(got, loop)
+    np.testing.assert_array_equal(got.view(np.uint32), np.tanh(x).view(np.uint32))
+
+
+def test_compiled_step_splits_long_attention_like_the_layer_code(tmp_path, monkeypatch):
+    """Heads wide enough (8 x 256) that attention over 200+ keys takes the split-key path over several
+    programs, and a sliding ring (300) that wraps: still bit for bit, and the split really happened."""
+    d = _checkpoint(tmp_path, num_attention_heads=8, num_key_value_heads=2, head_dim=256, global_head_dim=256,
+                    sliding_window=300, num_hidden_layers=3)
+    model = fast.load_model(d)
+    T = 260
+    assert step._key_chunk(8, 256, T, 2) < T  # several programs
+    rng = np.random.default_rng(1)
+    ids, new_ids = rng.integers(3, 400, (1, T)), rng.integers(3, 400, 45)
+    key_ok, block = np.ones((1, T), bool), np.full((1, T), -1)
+    calls = _count_layers_calls(monkeypatch)
+    fused = _steps(model, model.run_decoder, ids, new_ids, key_ok, block)
+    plain = _steps(model, lambda *a: Model.run_decoder(model, *a), ids, new_ids, key_ok, block)
+    assert len(calls) == len(new_ids)
+    for s, (f, p) in enumerate(zip(fused, plain)):
+        assert np.array_equal(f, p), f"step {s}: compiled and layer code differ by {np.abs(f - p).max()}"
