@@ -251,7 +251,7 @@ class DecodeStep:
         dh = max(s.head_dim for s in cfg.layers)
         self.readers = [np.flatnonzero(table[:, SRC] == j) for j in range(len(self.own))]  # layers using cache j
         self.inv_freq = [rope_inv_freq(r, d) for r, d in self.ropes]
-        self.cos, self.sin = np.zeros((len(self.ropes), dh), np.float32), np.zeros((len(self.ropes), dh), np.float32)
+        self.head_dim = dh
 
     def usable(self, x: np.ndarray, cache) -> bool:
         """One token of one sequence, after a prefill filled every layer's cache."""
@@ -265,12 +265,13 @@ class DecodeStep:
         if lists is None:  # the cache's arrays, fixed once the prefill allocated them
             lists = cache._step_lists = (List([cache.keys[i][0] for i in self.own]),
                                          List([cache.values[i][0] for i in self.own]))
+        table = self.table.copy()  # this step's key counts and slots (the step keeps no state of its own)
         held = {}
         for j, i in enumerate(self.own):
             slot, n = cache.claim(i, start)
             held[cfg.layers[i].kind] = (i, n)
-            self.table[self.readers[j], N] = n
-            self.table[i, SLOT] = slot
+            table[self.readers[j], N] = n
+            table[i, SLOT] = slot
         cap = max(n for _, n in held.values())
         masks = np.zeros((len(self.kinds), cap), bool)
         q_idx = np.array([start])
@@ -279,15 +280,15 @@ class DecodeStep:
             masks[self.kinds.index(kind), :n] = MaskSpec(
                 cfg, kind, q_idx, k_idx, cache.key_ok[:, k_idx], cache.block[:, start:start + 1],
                 cache.block[:, k_idx]).dense()[0, 0]
+        cos, sin = np.zeros((2, len(self.ropes), self.head_dim), np.float32)
         for r, inv in enumerate(self.inv_freq):
             c, s = rope_cos_sin(np.asarray(positions).reshape(1, 1), inv)
-            self.cos[r, :inv.size * 2], self.sin[r, :inv.size * 2] = c.reshape(-1), s.reshape(-1)
+            cos[r, :inv.size * 2], sin[r, :inv.size * 2] = c.reshape(-1), s.reshape(-1)
         if cpu._BLAS_RAN[0]:
             cpu.park_blas_threads()
         h = np.ascontiguousarray(x, np.float32).reshape(1, -1).copy()
-        _layers(h, self.table, self.mats, self.norms, self.scalars, lists[0], lists[1], masks,
-                self.cos, self.sin, np.float32(cfg.rms_norm_eps), self.tanh_loop,
-                nb.get_num_threads())
+        _layers(h, table, self.mats, self.norms, self.scalars, lists[0], lists[1], masks, cos, sin,
+                np.float32(cfg.rms_norm_eps), self.tanh_loop, nb.get_num_threads())
         out = np.empty_like(h)
         cpu._rms_norm(h, self.final_norm, np.float32(cfg.rms_norm_eps), out)
         return out.reshape(1, 1, -1)
