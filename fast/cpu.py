@@ -740,6 +740,13 @@ def tiled_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, spec, tile: int
 MIN_KEY_CHUNK = 32  # keys per decode program at least
 
 
+@nb.njit(cache=True)
+def split_keys(keys: int, threads: int) -> int:
+    """Keys per program when split-key attention runs on `threads` threads: about two programs per
+    thread, at least MIN_KEY_CHUNK keys each."""
+    return max(MIN_KEY_CHUNK, -(-keys // (2 * threads)))
+
+
 def decode_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, spec, key_chunk: int | None = None,
                      parallel: bool | None = None) -> np.ndarray:
     """q [B, T, H, Dh], k/v [B, S, K, Dh], MaskSpec -> [B, T, H, Dh] through the split-key kernels, for a
@@ -749,7 +756,7 @@ def decode_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, spec, key_chun
     if parallel is None:
         parallel = B * T * H * S * Dh > PARALLEL_ATTENTION_WORK
     if key_chunk is None:
-        key_chunk = max(MIN_KEY_CHUNK, -(-S * B // (2 * nb.get_num_threads()))) if parallel else S
+        key_chunk = split_keys(S * B, nb.get_num_threads()) if parallel else S
     C = max(1, -(-S // key_chunk))
     part_m, part_l = np.empty((B, C, T, H), np.float32), np.empty((B, C, T, H), np.float32)
     part_acc = np.empty((B, C, T, H, Dh), np.float32)
@@ -859,6 +866,7 @@ def compile_kernels() -> None:
     for run in (_decode_serial, _decode_parallel):
         run(q, kv, kv, np.ones((1, 1, 3), np.bool_), 3, *parts)
     _combine(kv, *parts, np.empty_like(q))
+    split_keys(1, 1)
 
 
 # ---- a probe for the benchmark ------------------------------------------------------------------

@@ -21,7 +21,6 @@ from numba.core import types
 from numba.extending import intrinsic
 from numba.typed import List
 
-from ref.config import FULL, SLIDING
 from ref.layers import rope_cos_sin, rope_inv_freq
 from ref.masks import MaskSpec
 from ref.safetensors_io import Bf16, to_f32
@@ -113,11 +112,9 @@ def _add(x, y):
 
 @nb.njit(cache=True)
 def _key_chunk(hq, dh, n, threads):
-    """Keys per split-key attention program, as fast.cpu.decode_attention picks them: about two programs
-    per thread when the work pays for threads, else one program over all n keys."""
-    if hq * n * dh > cpu.PARALLEL_ATTENTION_WORK:
-        return max(cpu.MIN_KEY_CHUNK, -(-n // (2 * threads)))
-    return n
+    """Keys per split-key attention program for one query of hq heads over n keys, as
+    fast.cpu.decode_attention picks them: split over the threads when the work pays for them."""
+    return cpu.split_keys(n, threads) if hq * n * dh > cpu.PARALLEL_ATTENTION_WORK else n
 
 
 # Numba segfaults when a cached function calls a parallel one and is later loaded from its cache

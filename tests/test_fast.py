@@ -441,7 +441,7 @@ from fast import cpu, step
 model = fast.load_model({str(path)!r})
 model.compile()
 names = ["_gemv_bf16", "_upcast_rows", "_rms_norm", "_decode_serial", "_decode_parallel", "_combine", "_gelu_arg",
-         "_gelu_finish", "_rope", "_softmax_tile"]
+         "_gelu_finish", "_rope", "_softmax_tile", "split_keys"]
 kernels = {{n: getattr(cpu, n) for n in names}} | {{n: getattr(step, n) for n in ["_layers", "_tanh_inplace"]}}
 before = {{n: set(k.signatures) for n, k in kernels.items()}}
 for rows in (1, 2):  # one sequence decodes through the compiled step, two through the layer code
