@@ -2,7 +2,8 @@
 
 `fast.load_model(path, device="cpu"|"gpu")` returns a model with ref's `forward` and `generate`: config,
 loader, processors, masks and sampling are ref's; only the kernels (fast/cpu.py, fast/gpu.py) and the
-KV cache differ. Results equal ref's to float32 rounding.
+KV cache differ, and on the CPU a cached one-token step runs those kernels from one compiled function
+(fast/step.py). Results equal ref's to float32 rounding.
 """
 
 from __future__ import annotations
