@@ -181,6 +181,24 @@ def test_greedy_tokens_match_hf_recomputation(tmp_path, name, load):
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("name", ["default_pattern", "kv_shared_double_wide_mlp", "window_3"])
+def test_bf16_greedy_tokens_match_hf_through_fasts_compiled_step(tmp_path, name, monkeypatch):
+    """One sequence from a bf16 checkpoint: fast decodes every token after the prefill through its compiled
+    step (fast/step.py), and the tokens are HF's, recomputed in full each step."""
+    if LOADERS["fast"] is None:
+        pytest.skip("fast needs the fast extra (numba)")
+    from fast import step
+
+    hf, ours = _pair(tmp_path, CONFIGS[name], seed=7, dtype=torch.bfloat16, load=LOADERS["fast"])
+    calls, real = [], step._layers
+    monkeypatch.setattr(step, "_layers", lambda *a: (calls.append(1), real(*a))[1])
+    ids, types, media = _media(ours.config, np.random.default_rng(5))
+    want = hf_peer.greedy(hf, ids, types, 12, **media)
+    got = ours.generate(ids, mm_token_type_ids=types, max_new_tokens=12, **media)
+    assert len(calls) == got.shape[1] - 1, "the compiled step did not decode"
+    np.testing.assert_array_equal(got, want)
+
+
 def test_greedy_honours_suppress_tokens_and_eos(tmp_path, load):
     hf_cfg = tiny_hf_dict()
     model = hf_peer.build(hf_cfg, 8)
