@@ -8,6 +8,10 @@ is the unfused path's bit for bit (tested): the same kernels on the same arrays,
 loop called from compiled code for GELU. Python keeps what is not arithmetic: the cache's slots and the
 masks (ref's MaskSpec), the RoPE tables. Anything else (batches, prompts, float32/float16 weights,
 attention biases, traces) takes ref's layer code with fast's kernels, as before.
+
+Numba's on-disk cache checks only this file's date: after editing fast/cpu.py, delete
+fast/__pycache__/step.*.nb[ic], or `_layers` keeps the kernels it was compiled with (the tests, which
+compare it with the layer code bit for bit, would show it).
 """
 
 from __future__ import annotations
