@@ -131,7 +131,7 @@ PRANGE_ONLY = {"prange": True, "comprehension": False, "reduction": False, "inpl
 @nb.njit(parallel=PRANGE_ONLY, cache=True)
 def _layers(x, table, mats, norms, scalars, keys, values, masks, cos, sin, eps, tanh_loop, threads):
     """x [1, D] float32 <- every layer's output for one token (ref.decoder steps 1-5 per layer).
-    table [L, 10] (columns KIND..INTER), mats: 7 bf16 matrices per layer (Q..DOWN; unused ones repeat q),
+    table [L, 10] (columns KIND..INTER), mats: 7 bf16 matrices per layer (Q..DOWN, see `_matrices`),
     norms: 7 float32 norm weights per layer (IN_LN..POST_FF; V_NORM is ones: v's norm has no scale), scalars
     [L] layer_scalar, keys/values: one [cap, K, Dh] cache per layer that has its own K/V (row SRC of the
     table), masks [kinds, cap] bool, cos/sin [ropes, max Dh] for this token's position, threads: the
@@ -199,6 +199,16 @@ def _layers(x, table, mats, norms, scalars, keys, values, masks, cos, sin, eps, 
 
 # ---- the Python side ----------------------------------------------------------------------------
 
+def _matrices(p, mode: int) -> list:
+    """A layer's 7 projections in `mats` order (Q..DOWN); where the mode has none (a KV-shared layer's
+    k/v, a k_eq_v layer's v) another of its matrices stands in, never read: each GEMV runs over the first
+    1, 2 or 3 matrices of its triple."""
+    a = p.self_attn
+    k = a.q_proj if mode == SHARED else a.k_proj
+    v = a.q_proj if mode == SHARED else k if mode == K_EQ_V else a.v_proj
+    return [a.q_proj, k, v, a.o_proj, p.mlp.gate_proj, p.mlp.up_proj, p.mlp.down_proj]
+
+
 def _f32(w, n: int) -> np.ndarray:
     """A norm weight (or None: ones) -> float32 [n], upcast exactly."""
     return np.ones(n, np.float32) if w is None else np.ascontiguousarray(to_f32(w), np.float32).reshape(n)
@@ -213,13 +223,11 @@ class DecodeStep:
         self.cfg = cfg
         lm = params
         self.tanh_loop = _tanh_loop()
-        self.ok = self.tanh_loop is not None and not cfg.attention_bias and all(
-            s.head_dim % 2 == 0 for s in cfg.layers) and all(
-            isinstance(lm.layers[i][g][n].weight, Bf16) for i, spec in enumerate(cfg.layers)
-            for g, n in [("self_attn", "q_proj"), ("self_attn", "o_proj"), ("mlp", "gate_proj"),
-                         ("mlp", "up_proj"), ("mlp", "down_proj")]
-            + ([] if cfg.kv_shared(i) else [("self_attn", "k_proj")])
-            + ([] if cfg.kv_shared(i) or spec.k_eq_v else [("self_attn", "v_proj")]))
+        modes = [SHARED if cfg.kv_shared(i) else K_EQ_V if s.k_eq_v else OWN for i, s in enumerate(cfg.layers)]
+        layer_mats = [_matrices(lm.layers[i], mode) for i, mode in enumerate(modes)]
+        self.ok = (self.tanh_loop is not None and not cfg.attention_bias
+                   and all(s.head_dim % 2 == 0 for s in cfg.layers)
+                   and all(isinstance(m.weight, Bf16) for ms in layer_mats for m in ms))
         if not self.ok:
             return
         self.kinds = sorted({s.kind for s in cfg.layers})
@@ -227,32 +235,27 @@ class DecodeStep:
         self.own = [i for i in range(cfg.num_layers) if not cfg.kv_shared(i)]
         mats, norms = List(), List()
         table = np.zeros((cfg.num_layers, 10), np.int64)
+        D = cfg.hidden_size
         for i, spec in enumerate(cfg.layers):
             p, a = lm.layers[i], lm.layers[i].self_attn
-            names = [a.q_proj, a.q_proj if cfg.kv_shared(i) else a.k_proj,
-                     a.q_proj if cfg.kv_shared(i) or spec.k_eq_v else a.v_proj, a.o_proj,
-                     p.mlp.gate_proj, p.mlp.up_proj, p.mlp.down_proj]
-            for m in names:
+            for m in layer_mats[i]:
                 mats.append(cpu._read_only(m.weight.bits))
-            D = cfg.hidden_size
             for w, n in [(p.input_layernorm.weight, D), (a.q_norm.weight, spec.head_dim),
-                         (a.k_norm.weight if not cfg.kv_shared(i) else None, spec.head_dim), (None, spec.head_dim),
+                         (None if modes[i] == SHARED else a.k_norm.weight, spec.head_dim), (None, spec.head_dim),
                          (p.post_attention_layernorm.weight, D), (p.pre_feedforward_layernorm.weight, D),
                          (p.post_feedforward_layernorm.weight, D)]:
                 norms.append(_f32(w, n))
-            mode = SHARED if cfg.kv_shared(i) else K_EQ_V if spec.k_eq_v else OWN
             table[i, [KIND, ROPE, DH, H, K, MODE, SRC, INTER]] = (
                 self.kinds.index(spec.kind), self.ropes.index((spec.rope, spec.head_dim)), spec.head_dim,
-                cfg.num_attention_heads, spec.num_kv_heads, mode, self.own.index(spec.kv_source),
+                cfg.num_attention_heads, spec.num_kv_heads, modes[i], self.own.index(spec.kv_source),
                 spec.intermediate_size)
         self.mats, self.norms, self.table = mats, norms, table
-        self.final_norm = _f32(lm.norm.weight, cfg.hidden_size)
+        self.final_norm = _f32(lm.norm.weight, D)
         self.scalars = np.array([to_f32(lm.layers[i].layer_scalar).reshape(-1)[0] for i in range(cfg.num_layers)],
                                 np.float32)
-        dh = max(s.head_dim for s in cfg.layers)
         self.readers = [np.flatnonzero(table[:, SRC] == j) for j in range(len(self.own))]  # layers using cache j
         self.inv_freq = [rope_inv_freq(r, d) for r, d in self.ropes]
-        self.head_dim = dh
+        self.head_dim = max(s.head_dim for s in cfg.layers)
 
     def usable(self, x: np.ndarray, cache) -> bool:
         """One token of one sequence, after a prefill filled every layer's cache."""
