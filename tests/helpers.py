@@ -46,3 +46,18 @@ def synthetic_patches(rng, n_images, budget, grids):
         y, x = np.divmod(np.arange(n), c)
         pos[i, :n, 0], pos[i, :n, 1] = x, y
     return pv, pos
+
+
+def count_step_calls(monkeypatch) -> list:
+    """Wrap fast.step._layers (the compiled decoding step) so each call appends to the returned list: a
+    test can assert that the step ran, and how often."""
+    from fast import step
+
+    calls, real = [], step._layers
+
+    def counted(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(step, "_layers", counted)
+    return calls

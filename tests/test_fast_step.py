@@ -15,17 +15,7 @@ from ref.config import tiny_hf_dict
 from ref.model import Model
 from ref.tiny import random_tensors, write_checkpoint
 
-
-def _count_layers_calls(monkeypatch) -> list:
-    calls = []
-    real = step._layers
-
-    def counted(*args):
-        calls.append(1)
-        return real(*args)
-
-    monkeypatch.setattr(step, "_layers", counted)
-    return calls
+from helpers import count_step_calls
 
 
 def _steps(model, run, ids, new_ids, key_ok, block) -> list[np.ndarray]:
@@ -72,7 +62,7 @@ def test_compiled_step_equals_the_layer_code_bit_for_bit(tmp_path_factory, monke
     if image and length >= 3:
         block[0, pad + 1:pad + 3] = 0
     new_ids = rng.integers(3, 400, 12)
-    calls = _count_layers_calls(monkeypatch)
+    calls = count_step_calls(monkeypatch)
     fused = _steps(model, model.run_decoder, ids, new_ids, key_ok, block)
     assert len(calls) == len(new_ids), "the compiled step did not run"
     plain = _steps(model, lambda *a: Model.run_decoder(model, *a), ids, new_ids, key_ok, block)
@@ -90,7 +80,7 @@ def _checkpoint(tmp_path, dtype="BF16", **overrides):
 
 def test_generate_uses_the_compiled_step_and_gives_refs_tokens(tmp_path, monkeypatch):
     d = _checkpoint(tmp_path)
-    calls = _count_layers_calls(monkeypatch)
+    calls = count_step_calls(monkeypatch)
     ids = np.arange(3, 20)[None]
     got = fast.load_model(d).generate(ids, max_new_tokens=6)
     assert len(calls) == got.shape[1] - 1  # every token after the prefill's
@@ -106,7 +96,7 @@ def test_what_the_compiled_step_does_not_cover_takes_the_layer_code(tmp_path, mo
     if case == "wrong_tanh":
         real = step.numpy_loop
         monkeypatch.setattr(step, "numpy_loop", lambda ufunc, sig: real(np.sin, sig))
-    calls = _count_layers_calls(monkeypatch)
+    calls = count_step_calls(monkeypatch)
     ids = np.arange(3, 20)[None].repeat(2 if case == "batch" else 1, axis=0)
     kw = {"use_cache": False} if case == "no_cache" else {}
     got = fast.load_model(d).generate(ids, max_new_tokens=4, **kw)
@@ -136,7 +126,7 @@ def test_compiled_step_splits_long_attention_like_the_layer_code(tmp_path, monke
     rng = np.random.default_rng(1)
     ids, new_ids = rng.integers(3, 400, (1, T)), rng.integers(3, 400, 45)
     key_ok, block = np.ones((1, T), bool), np.full((1, T), -1)
-    calls = _count_layers_calls(monkeypatch)
+    calls = count_step_calls(monkeypatch)
     fused = _steps(model, model.run_decoder, ids, new_ids, key_ok, block)
     plain = _steps(model, lambda *a: Model.run_decoder(model, *a), ids, new_ids, key_ok, block)
     assert len(calls) == len(new_ids)

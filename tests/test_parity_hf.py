@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch", reason="the interop extra (torch, transform
 pytest.importorskip("transformers", reason="the interop extra is not installed")
 
 import hf_peer  # noqa: E402
-from helpers import multimodal_prompt, synthetic_patches  # noqa: E402
+from helpers import count_step_calls, multimodal_prompt, synthetic_patches  # noqa: E402
 
 import ref  # noqa: E402
 from ref.config import FULL, SLIDING, tiny_hf_dict  # noqa: E402
@@ -192,12 +192,8 @@ def test_greedy_tokens_match_hf_recomputation(tmp_path, name, load):
 def test_bf16_greedy_tokens_match_hf_through_fasts_compiled_step(tmp_path, name, monkeypatch):
     """One sequence from a bf16 checkpoint: fast decodes every token after the prefill through its compiled
     step (fast/step.py), and the tokens are HF's, recomputed in full each step."""
-    load = _loader("fast")
-    from fast import step
-
-    hf, ours = _pair(tmp_path, CONFIGS[name], seed=7, dtype=torch.bfloat16, load=load)
-    calls, real = [], step._layers
-    monkeypatch.setattr(step, "_layers", lambda *a: (calls.append(1), real(*a))[1])
+    hf, ours = _pair(tmp_path, CONFIGS[name], seed=7, dtype=torch.bfloat16, load=_loader("fast"))
+    calls = count_step_calls(monkeypatch)
     ids, types, media = _media(ours.config, np.random.default_rng(5))
     want = hf_peer.greedy(hf, ids, types, 12, **media)
     got = ours.generate(ids, mm_token_type_ids=types, max_new_tokens=12, **media)
