@@ -321,13 +321,7 @@ def _product(x2: np.ndarray, xT: np.ndarray | None, w) -> np.ndarray:
         return _gemv(x2, (w.bits,))
     if xT is not None:
         return transpose(matmul_t(w, xT))
-    out = None
-    for lo, hi, f32 in _upcast_blocks(w.bits):
-        if hi - lo == w.bits.shape[0]:
-            return x2 @ f32.T
-        out = np.empty((M, w.bits.shape[0]), np.float32) if out is None else out
-        np.matmul(x2, f32.T, out=out[:, lo:hi])
-    return out
+    return _upcast_product(w.bits, 1, M, lambda f32, out: np.matmul(x2, f32.T, out=out))
 
 
 def matmul_t(w, xT: np.ndarray) -> np.ndarray:
@@ -338,12 +332,20 @@ def matmul_t(w, xT: np.ndarray) -> np.ndarray:
     10-20 % at 32-128, none at 1000 (measured in the model, interleaved)."""
     if not isinstance(w, Bf16):
         return np.asarray(w, np.float32) @ xT
+    return _upcast_product(w.bits, 0, xT.shape[1], lambda f32, out: np.matmul(f32, xT, out=out))
+
+
+def _upcast_product(bits: np.ndarray, axis: int, M: int, product) -> np.ndarray:
+    """bits [Out, In] bf16 -> product(w, out) over the weights w upcast exactly to float32 (`_upcast_blocks`):
+    one call with out=None where the whole matrix fits the scratch, else one per block of rows, each
+    into its slice of a [M, Out] (axis 1) or [Out, M] (axis 0) result."""
     out = None
-    for lo, hi, f32 in _upcast_blocks(w.bits):
-        if hi - lo == w.bits.shape[0]:
-            return f32 @ xT
-        out = np.empty((w.bits.shape[0], xT.shape[1]), np.float32) if out is None else out
-        np.matmul(f32, xT, out=out[lo:hi])
+    for lo, hi, f32 in _upcast_blocks(bits):
+        if hi - lo == bits.shape[0]:
+            return product(f32, None)
+        if out is None:
+            out = np.empty((M, bits.shape[0]) if axis else (bits.shape[0], M), np.float32)
+        product(f32, out[:, lo:hi] if axis else out[lo:hi])
     return out
 
 
@@ -793,7 +795,7 @@ class RingKVCache(KVCache):
         self.max_len = max_len
         self.key_ok = np.zeros((batch, max_len), bool)
         self.block = np.full((batch, max_len), -1, np.int64)
-        self._slots = {}  # layer -> [cap] absolute index held by each slot
+        self.slots = {}  # layer -> [cap] absolute index of the token each slot holds (-1: none yet)
 
     def append_tokens(self, key_ok: np.ndarray, block: np.ndarray) -> int:
         start, T = self.length, key_ok.shape[1]
@@ -807,7 +809,7 @@ class RingKVCache(KVCache):
     def claim(self, i: int, q: int) -> tuple[int, int]:
         """Give token q (absolute index) its slot in layer i's allocated arrays -> (slot, n): its K/V row goes
         to the slot, and a query now attends over the first n slots (the held ones are always a prefix)."""
-        slots = self._slots[i]
+        slots = self.slots[i]
         slot = q % slots.size
         slots[slot] = q
         return slot, int(np.count_nonzero(slots >= 0))
@@ -818,8 +820,8 @@ class RingKVCache(KVCache):
             cap = window if kind == SLIDING else self.max_len
             self.keys[i] = np.zeros((B, cap, K, Dh), np.float32)
             self.values[i] = np.zeros((B, cap, K, Dh), np.float32)
-            self._slots[i] = np.full(cap, -1, np.int64)
-        keys, values, slots = self.keys[i], self.values[i], self._slots[i]
+            self.slots[i] = np.full(cap, -1, np.int64)
+        keys, values, slots = self.keys[i], self.values[i], self.slots[i]
         cap = keys.shape[1]
         filled = None if T == 1 else slots >= 0
         if T == 1 or not filled.any():
