@@ -17,6 +17,7 @@ compare it with the layer code bit for bit, would show it).
 from __future__ import annotations
 
 import ctypes
+import weakref
 
 import numba as nb
 import numpy as np
@@ -221,6 +222,7 @@ class DecodeStep:
 
     def __init__(self, cfg, params):
         self.cfg = cfg
+        self._cache_lists = weakref.WeakKeyDictionary()  # cache -> its typed lists (`_lists`)
         lm = params
         self.tanh_loop = _tanh_loop()
         modes = [SHARED if cfg.kv_shared(i) else K_EQ_V if s.k_eq_v else OWN for i, s in enumerate(cfg.layers)]
@@ -257,6 +259,15 @@ class DecodeStep:
         self.inv_freq = [rope_inv_freq(r, d) for r, d in self.ropes]
         self.head_dim = max(s.head_dim for s in cfg.layers)
 
+    def _lists(self, cache) -> tuple:
+        """The cache's per-layer K and V arrays as Numba typed lists, built once per cache (its arrays are
+        fixed once the prefill allocated them); they go when the cache goes."""
+        lists = self._cache_lists.get(cache)
+        if lists is None:
+            lists = self._cache_lists[cache] = (List([cache.keys[i][0] for i in self.own]),
+                                                List([cache.values[i][0] for i in self.own]))
+        return lists
+
     def usable(self, x: np.ndarray, cache) -> bool:
         """One token of one sequence, after a prefill filled every layer's cache."""
         return (self.ok and x.shape[:2] == (1, 1) and isinstance(cache, cpu.RingKVCache)
@@ -265,10 +276,7 @@ class DecodeStep:
     def __call__(self, x, positions, key_ok, block, cache) -> np.ndarray:
         cfg = self.cfg
         start = cache.append_tokens(key_ok, block)
-        lists = getattr(cache, "_step_lists", None)
-        if lists is None:  # the cache's arrays, fixed once the prefill allocated them
-            lists = cache._step_lists = (List([cache.keys[i][0] for i in self.own]),
-                                         List([cache.values[i][0] for i in self.own]))
+        lists = self._lists(cache)
         table = self.table.copy()  # this step's key counts and slots (the step keeps no state of its own)
         held = {}
         for j, i in enumerate(self.own):
@@ -280,7 +288,7 @@ class DecodeStep:
         masks = np.zeros((len(self.kinds), cap), bool)
         q_idx = np.array([start])
         for kind, (i, n) in held.items():
-            k_idx = cache._slots[i][:n]
+            k_idx = cache.slots[i][:n]
             masks[self.kinds.index(kind), :n] = MaskSpec(
                 cfg, kind, q_idx, k_idx, cache.key_ok[:, k_idx], cache.block[:, start:start + 1],
                 cache.block[:, k_idx]).dense()[0, 0]

@@ -3,6 +3,8 @@ kernels, bit for bit, and ref's numbers within float32 rounding; everything it d
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -85,6 +87,18 @@ def test_generate_uses_the_compiled_step_and_gives_refs_tokens(tmp_path, monkeyp
     got = fast.load_model(d).generate(ids, max_new_tokens=6)
     assert len(calls) == got.shape[1] - 1  # every token after the prefill's
     np.testing.assert_array_equal(got, ref.load_model(d).generate(ids, max_new_tokens=6))
+
+
+def test_the_steps_typed_lists_live_as_long_as_their_cache(tmp_path):
+    """The step keeps each cache's K/V arrays as typed lists while the cache lives (one set during a
+    generation, built at its first step), and lets them go with it: a long cache is not held past its
+    generation."""
+    model = fast.load_model(_checkpoint(tmp_path))
+    held = []
+    model.generate(np.arange(3, 20)[None], max_new_tokens=4,
+                   on_token=lambda _: held.append(0 if model._step is None else len(model._step._cache_lists)))
+    gc.collect()
+    assert held == [0, 1, 1, 1] and len(model._step._cache_lists) == 0
 
 
 @pytest.mark.parametrize("case", ["batch", "float32", "bias", "no_cache", "wrong_tanh"])
