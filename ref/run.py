@@ -72,9 +72,13 @@ def _weight_files(model_dir: Path) -> list[Path]:
     return sorted(set(Path(model_dir).glob("*.safetensors")))
 
 
+def _size(files: list[Path]) -> int:
+    return sum(f.stat().st_size for f in files)
+
+
 def is_large(model_dir: Path) -> bool:
     """Whether the checkpoint's weight files take WARM_UP_BYTES or more: loading it shows progress."""
-    return sum(f.stat().st_size for f in _weight_files(model_dir)) >= WARM_UP_BYTES
+    return _size(_weight_files(model_dir)) >= WARM_UP_BYTES
 
 
 def warm_up(model: Model, progress: bool) -> None:
@@ -82,10 +86,10 @@ def warm_up(model: Model, progress: bool) -> None:
     pages in one by one; with a progress bar on stderr. Small checkpoints are left alone, and so are
     weights that are not memory-mapped (fast copies those that fit into memory as it loads them)."""
     mapped = any(isinstance(getattr(t, "bits", t), np.memmap) for t in model.tensors.values())
-    if model.path is None or not mapped or not is_large(model.path):
+    files = _weight_files(model.path) if model.path is not None and mapped else []
+    total = _size(files)
+    if not files or total < WARM_UP_BYTES:
         return
-    files = _weight_files(model.path)
-    total = sum(f.stat().st_size for f in files)
     from tqdm import tqdm
 
     chunk = bytearray(64 << 20)
