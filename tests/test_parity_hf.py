@@ -13,6 +13,8 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch", reason="the interop extra (torch, transformers) is not installed")
 pytest.importorskip("transformers", reason="the interop extra is not installed")
@@ -199,6 +201,71 @@ def test_bf16_greedy_tokens_match_hf_through_fasts_compiled_step(tmp_path, name,
     got = ours.generate(ids, mm_token_type_ids=types, max_new_tokens=12, **media)
     assert len(calls) == got.shape[1] - 1, "the compiled step did not decode"
     np.testing.assert_array_equal(got, want)
+
+
+@st.composite
+def combined_configs(draw):
+    """Every switch of CONFIGS at once, drawn together with the sizes (heads, K/V heads, head dims, widths,
+    layer count and types, window): the configs someone else's checkpoint may have. The last layer is
+    full (HF makes it so), and KV-shared layers have an earlier layer of their type (HF and ref reject
+    others)."""
+    H = draw(st.sampled_from([2, 4, 6, 8]))
+    n = draw(st.integers(2, 8))
+    types = draw(st.lists(st.sampled_from([SLIDING, FULL]), min_size=n - 1, max_size=n - 1)) + [FULL]
+    c = {"num_attention_heads": H, "num_hidden_layers": n, "layer_types": types,
+         "num_key_value_heads": draw(st.sampled_from([k for k in (1, 2, 3, 4, 6, 8) if H % k == 0])),
+         "num_global_key_value_heads": draw(st.sampled_from([k for k in (1, 2, 4) if H % k == 0])),
+         "head_dim": draw(st.sampled_from([8, 16, 24, 32])), "global_head_dim": draw(st.sampled_from([16, 32, 48])),
+         "hidden_size": draw(st.sampled_from([32, 48, 64, 96])), "intermediate_size": draw(st.sampled_from([40, 96])),
+         "sliding_window": draw(st.sampled_from([2, 3, 5, 8, 17, 64])), "attention_k_eq_v": draw(st.booleans()),
+         "final_logit_softcapping": draw(st.sampled_from([None, 3.0, 30.0])),
+         "rms_norm_eps": draw(st.sampled_from([1e-6, 1e-3, 0.5])), "attention_bias": draw(st.booleans()),
+         "use_bidirectional_attention": draw(st.sampled_from([None, "vision", "all"]))}
+    shared = draw(st.integers(0, n - 1))
+    if shared and all(t in types[:n - shared] for t in types[n - shared:]):
+        c["num_kv_shared_layers"] = shared
+        c["use_double_wide_mlp"] = draw(st.booleans())
+    if draw(st.booleans()):
+        c["rope_parameters"] = {
+            SLIDING: {"rope_type": "default", "rope_theta": draw(st.sampled_from([100.0, 10000.0]))},
+            FULL: {"rope_type": "proportional", "rope_theta": 1e6,
+                   "partial_rotary_factor": draw(st.sampled_from([0.25, 0.5, 1.0]))}}
+    return c
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(c=combined_configs(), prompt=st.sampled_from(["text", "media", "long_image"]),
+       bf16=st.booleans(), seed=st.integers(0, 999))
+def test_combined_random_configs_match_hf_through_ref_and_fast(tmp_path_factory, worst, c, prompt, bf16, seed):
+    """Logits within TOL of HF's and HF's greedy tokens, for ref and for fast, on configs that combine the
+    switches and sizes at random, from float32 or bf16 checkpoints; prompts of text (5-300 tokens: fast's
+    prefill tiles and the sliding window), of images, a video-free mix with audio, or one 70-token image."""
+    hf, ours = _pair(tmp_path_factory.mktemp("m"), c, seed=seed, dtype=torch.bfloat16 if bf16 else torch.float32)
+    rng = np.random.default_rng(seed)
+    types, media = None, {}
+    if prompt == "text":
+        ids = rng.integers(3, 400, (1, int(rng.choice([5, 20, 150, 300]))))
+    elif prompt == "media":
+        pv, pos = synthetic_patches(rng, 2, 70, [(2, 3), (3, 2)])
+        ids, types = multimodal_prompt(ours.config, rng, n_text=int(rng.choice([5, 30])), image_tokens=[6, 6],
+                                       audio_tokens=[4])
+        media = dict(pixel_values=pv, image_position_ids=pos, input_features_mask=np.ones((1, 4), bool),
+                     input_features=rng.normal(0, 0.2, (1, 4, 640)).astype(np.float32))
+    else:
+        pv, pos = synthetic_patches(rng, 1, 70, [(7, 10)])
+        ids, types = multimodal_prompt(ours.config, rng, n_text=int(rng.choice([10, 60])), image_tokens=[70])
+        media = dict(pixel_values=pv, image_position_ids=pos)
+    want = hf_peer.forward(hf, ids, types, **media)
+    tokens = hf_peer.greedy(hf, ids, types, 4, **media)
+    for name in ("ref", "fast"):  # ref's checks run even where fast is not installed (then a skip says so)
+        model = ours if name == "ref" else _loader(name)(ours.path)
+        err = _rel(model.forward(ids, mm_token_type_ids=types, **media), want)
+        key = f"combined/{name}"
+        worst[key] = max(worst.get(key, 0.0), err)
+        assert err <= TOL, f"{name}: relative error {err:.2e} on {c}"
+        np.testing.assert_array_equal(model.generate(ids, mm_token_type_ids=types, max_new_tokens=4, **media), tokens,
+                                      err_msg=f"{name} on {c}")
 
 
 def test_greedy_honours_suppress_tokens_and_eos(tmp_path, load):
