@@ -130,8 +130,9 @@ PRANGE_ONLY = {"prange": True, "comprehension": False, "reduction": False, "inpl
 
 
 @nb.njit(parallel=PRANGE_ONLY, cache=True)
-def _layers(x, table, mats, norms, scalars, keys, values, masks, cos, sin, eps, tanh_loop, threads):
-    """x [1, D] float32 <- every layer's output for one token (ref.decoder steps 1-5 per layer).
+def _layers(x, table, mats, norms, scalars, keys, values, masks, cos, sin, eps, tanh_loop, threads, final_norm, out):
+    """x [1, D] float32 <- every layer's output for one token (ref.decoder steps 1-5 per layer); out [1, D]
+    <- x after the final norm (weight final_norm [D]).
     table [L, 10] (columns KIND..INTER), mats: 7 bf16 matrices per layer (Q..DOWN, see `_matrices`),
     norms: 7 float32 norm weights per layer (IN_LN..POST_FF; V_NORM is ones: v's norm has no scale), scalars
     [L] layer_scalar, keys/values: one [cap, K, Dh] cache per layer that has its own K/V (row SRC of the
@@ -196,6 +197,20 @@ def _layers(x, table, mats, norms, scalars, keys, values, masks, cos, sin, eps, 
             cpu._gemv_program(g, ws, first, col, pid, d)
         _add(x, _norm(d, norms[7 * i + POST_FF], eps))
         x *= scalars[i]  # 5
+    cpu._rms_norm(x, final_norm, eps, out)
+
+
+@nb.njit(cache=True)
+def _claim_all(slots, q, own, table):
+    """Token q takes its slot in every layer that keeps K/V (own [J]: their layer numbers, slots: their
+    slot tables, `cpu.claim_slot`): table's SLOT column <- each one's slot, N <- for every layer the keys its
+    source holds now. -> n [J]."""
+    n = np.empty(len(own), np.int64)
+    for j in range(len(own)):
+        table[own[j], SLOT], n[j] = cpu.claim_slot(slots[j], q)
+    for i in range(table.shape[0]):
+        table[i, N] = n[table[i, SRC]]
+    return n
 
 
 # ---- the Python side ----------------------------------------------------------------------------
@@ -255,17 +270,18 @@ class DecodeStep:
         self.final_norm = _f32(lm.norm.weight, D)
         self.scalars = np.array([to_f32(lm.layers[i].layer_scalar).reshape(-1)[0] for i in range(cfg.num_layers)],
                                 np.float32)
-        self.readers = [np.flatnonzero(table[:, SRC] == j) for j in range(len(self.own))]  # layers using cache j
+        self.own_rows = np.array(self.own, np.int64)
         self.inv_freq = [rope_inv_freq(r, d) for r, d in self.ropes]
         self.head_dim = max(s.head_dim for s in cfg.layers)
 
     def _lists(self, cache) -> tuple:
-        """The cache's per-layer K and V arrays as Numba typed lists, built once per cache (its arrays are
-        fixed once the prefill allocated them); they go when the cache goes."""
+        """The cache's per-layer K, V and slot arrays as Numba typed lists, built once per cache (its arrays
+        are fixed once the prefill allocated them); they go when the cache goes."""
         lists = self._cache_lists.get(cache)
         if lists is None:
             lists = self._cache_lists[cache] = (List([cache.keys[i][0] for i in self.own]),
-                                                List([cache.values[i][0] for i in self.own]))
+                                                List([cache.values[i][0] for i in self.own]),
+                                                List([cache.slots[i] for i in self.own]))
         return lists
 
     def usable(self, x: np.ndarray, cache) -> bool:
@@ -278,12 +294,8 @@ class DecodeStep:
         start = cache.append_tokens(key_ok, block)
         lists = self._lists(cache)
         table = self.table.copy()  # this step's key counts and slots (the step keeps no state of its own)
-        held = {}
-        for j, i in enumerate(self.own):
-            slot, n = cache.claim(i, start)
-            held[cfg.layers[i].kind] = (i, n)
-            table[self.readers[j], N] = n
-            table[i, SLOT] = slot
+        ns = _claim_all(lists[2], start, self.own_rows, table)
+        held = {cfg.layers[i].kind: (i, int(n)) for i, n in zip(self.own, ns)}
         cap = max(n for _, n in held.values())
         masks = np.zeros((len(self.kinds), cap), bool)
         q_idx = np.array([start])
@@ -299,10 +311,9 @@ class DecodeStep:
         if cpu._BLAS_RAN[0]:
             cpu.park_blas_threads()
         h = np.ascontiguousarray(x, np.float32).reshape(1, -1).copy()
-        _layers(h, table, self.mats, self.norms, self.scalars, lists[0], lists[1], masks, cos, sin,
-                np.float32(cfg.rms_norm_eps), self.tanh_loop, nb.get_num_threads())
         out = np.empty_like(h)
-        cpu._rms_norm(h, self.final_norm, np.float32(cfg.rms_norm_eps), out)
+        _layers(h, table, self.mats, self.norms, self.scalars, lists[0], lists[1], masks, cos, sin,
+                np.float32(cfg.rms_norm_eps), self.tanh_loop, nb.get_num_threads(), self.final_norm, out)
         return out.reshape(1, 1, -1)
 
 
@@ -317,6 +328,8 @@ def compile_step() -> None:
     table = np.zeros((1, 10), np.int64)
     table[0, [DH, H, K, MODE, N, INTER]] = (4, 1, 1, OWN, 1, 4)
     kv = np.zeros((2, 1, 4), np.float32)
+    _claim_all(List([np.full(2, -1, np.int64)]), 0, np.zeros(1, np.int64), table.copy())
     _layers(np.ones((1, 4), np.float32), table, List([w] * 7), List([np.ones(4, np.float32)] * 7),
             np.ones(1, np.float32), List([kv]), List([kv.copy()]), np.ones((1, 2), bool),
-            np.ones((1, 4), np.float32), np.zeros((1, 4), np.float32), np.float32(1e-6), loop, 2)
+            np.ones((1, 4), np.float32), np.zeros((1, 4), np.float32), np.float32(1e-6), loop, 2,
+            np.ones(4, np.float32), np.empty((1, 4), np.float32))

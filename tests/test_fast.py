@@ -277,6 +277,22 @@ def test_ring_cache_matches_list_cache():
                     np.testing.assert_array_equal(vg[:, list(ig).index(j)], vw[:, list(iw).index(j)])
 
 
+@given(window=st.integers(1, 9), prompt=st.integers(1, 20), steps=st.integers(0, 25), kind=st.sampled_from([SLIDING, FULL]))
+def test_ring_slots_claimed_after_a_prefill_count_the_held_keys(window, prompt, steps, kind):
+    """After a prefill of `prompt` tokens, each decoded token q takes slot q % cap and the count of held
+    slots `claim` returns (found by bisecting the held prefix) is what counting every slot gives, the
+    slot table holding exactly the last min(q + 1, cap) tokens."""
+    ring = cpu.RingKVCache(1, prompt + steps)
+    kv = np.zeros((1, prompt, 1, 2), np.float32)
+    ring.extend(0, kv, kv, np.arange(prompt), kind, window)
+    cap = ring.slots[0].size
+    for q in range(prompt, prompt + steps):
+        slot, n = ring.claim(0, q)
+        slots = ring.slots[0]
+        assert slot == q % cap and n == np.count_nonzero(slots >= 0) == min(q + 1, cap)
+        np.testing.assert_array_equal(np.sort(slots[:n]), np.arange(q + 1 - n, q + 1))
+
+
 configs = st.fixed_dictionaries({
     "num_hidden_layers": st.integers(2, 6), "sliding_window": st.integers(2, 9),
     "attention_k_eq_v": st.booleans(), "num_key_value_heads": st.sampled_from([1, 2, 4]),
@@ -441,8 +457,9 @@ from fast import cpu, step
 model = fast.load_model({str(path)!r})
 model.compile()
 names = ["_gemv_bf16", "_upcast_rows", "_rms_norm", "_decode_serial", "_decode_parallel", "_combine", "_gelu_arg",
-         "_gelu_finish", "_rope", "_softmax_tile", "split_keys"]
-kernels = {{n: getattr(cpu, n) for n in names}} | {{n: getattr(step, n) for n in ["_layers", "_tanh_inplace"]}}
+         "_gelu_finish", "_rope", "_softmax_tile", "split_keys", "claim_slot"]
+kernels = {{n: getattr(cpu, n) for n in names}} | {{n: getattr(step, n) for n in ["_layers", "_tanh_inplace",
+                                                                                  "_claim_all"]}}
 before = {{n: set(k.signatures) for n, k in kernels.items()}}
 for rows in (1, 2):  # one sequence decodes through the compiled step, two through the layer code
     model.generate(np.arange(3, 43)[None].repeat(rows, axis=0), max_new_tokens=3)

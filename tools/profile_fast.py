@@ -51,8 +51,8 @@ ROWS = {  # fast.cpu function -> what its own time is
     "lm_head": "head: soft-capping",
 }
 STEP_ROWS = {  # fast.step names -> what their own time is
-    "_layers": "decode: every layer compiled whole (GEMVs, attention, norms, RoPE, GELU)",
-    "DecodeStep.__call__": "decode: the step's Python side (slots, masks, RoPE tables) and the final norm",
+    "_layers": "decode: every layer compiled whole (GEMVs, attention, norms, RoPE, GELU), the final norm",
+    "DecodeStep.__call__": "decode: the step's Python side (slots, masks, RoPE tables)",
 }
 
 
