@@ -86,7 +86,8 @@ def _block_reduce(red, take_max):
     step = THREADS // 2
     while step > 0:
         if tid < step:
-            red[tid] = max(red[tid], red[tid + step]) if take_max else red[tid] + red[tid + step]
+            a, b = red[tid], red[tid + step]
+            red[tid] = (a if a > b else b) if take_max else a + b
         cuda.syncthreads()
         step //= 2
     result = red[0]
@@ -145,7 +146,7 @@ def _block_attention(q, k, v, mask, scratch, out):
             for i in range(Dh):
                 score += q[b, t, h, i] * k[b, s, kh, i]
             scratch[pid, s] = score
-            top = max(top, score)
+            top = score if score > top else top
     red[tid] = top
     top = _block_reduce(red, True)
     total = float32(0.0)
