@@ -220,7 +220,7 @@ def query_attention(q, k, v, spec):
     _attention[(n + THREADS - 1) // THREADS, THREADS](
         _dev(q), _dev(k), _dev(v), _dev(spec.q_idx, xp.int64), _dev(spec.k_idx, xp.int64),
         _dev(spec.key_ok, xp.bool_), _dev(spec.q_block, xp.int64), _dev(spec.k_block, xp.int64),
-        mode_of(spec), spec.cfg.window, out)
+        mode_of(spec.cfg, spec.kind), spec.cfg.window, out)
     return out
 
 

@@ -5,13 +5,15 @@ operations of ref's layer code, each costing a few microseconds of Python and di
 model that was ~0.6-0.9 ms of an 8 ms token, time in which memory sits idle. Here one compiled function
 runs ref.decoder's steps 1-5 for every layer by calling fast.cpu's kernels in ref's order, so the result
 is the unfused path's bit for bit (tested): the same kernels on the same arrays, and numpy's own tanh
-loop called from compiled code for GELU. Python keeps what is not arithmetic: the cache's slots and the
-masks (ref's MaskSpec), the RoPE tables. Anything else (batches, prompts, float32/float16 weights,
-attention biases, traces) takes ref's layer code with fast's kernels, as before.
+loop called from compiled code for GELU. The cache's side (each layer's slot for the token, and which
+held keys it may see: fast.maskrule's pair rule, which mirrors ref's layer_mask and which the GPU kernels
+use too) is a second compiled call; RoPE tables come from ref's rope_cos_sin, filled ahead for 64
+positions at a time. Anything else (batches, prompts, float32/float16 weights, attention biases, traces)
+takes ref's layer code with fast's kernels, as before.
 
-Numba's on-disk cache checks only this file's date: after editing fast/cpu.py, delete
-fast/__pycache__/step.*.nb[ic], or `_layers` keeps the kernels it was compiled with (the tests, which
-compare it with the layer code bit for bit, would show it).
+Numba's on-disk cache checks only this file's date: after editing fast/cpu.py or fast/maskrule.py,
+delete fast/__pycache__/step.*.nb[ic], or this file's functions keep the code they were compiled with
+(the tests, which compare the step with the layer code bit for bit, would show it).
 """
 
 from __future__ import annotations
@@ -27,10 +29,9 @@ from numba.extending import intrinsic
 from numba.typed import List
 
 from ref.layers import rope_cos_sin, rope_inv_freq
-from ref.masks import MaskSpec
 from ref.safetensors_io import Bf16, to_f32
 
-from . import cpu
+from . import cpu, maskrule
 
 # Columns of the per-layer table (int64 [L, 10]).
 KIND, ROPE, DH, H, K, MODE, SRC, N, SLOT, INTER = range(10)
@@ -201,19 +202,30 @@ def _layers(x, table, mats, norms, scalars, keys, values, masks, cos, sin, eps, 
 
 
 @nb.njit(cache=True)
-def _claim_all(slots, q, own, table):
-    """Token q takes its slot in every layer that keeps K/V (own [J]: their layer numbers, slots: their
-    slot tables, `cpu.claim_slot`): table's SLOT column <- each one's slot, N <- for every layer the keys its
-    source holds now. -> n [J]."""
+def _bookkeeping(slots, q, own, table, kind_cache, modes, window, key_ok, block):
+    """The cache's side of token q's step, in one call. Token q takes its slot in every layer that keeps
+    K/V (own [J]: their layer numbers; slots: their slot tables, `cpu.claim_slot`): table's SLOT column
+    <- each one's slot, N <- for every layer the keys its source holds now. -> masks [kinds, most keys]:
+    for each layer kind, which held keys q may see, by the slots of that kind's cache (kind_cache: its
+    place in own) and the kind's mode (maskrule.visible, as ref.masks.layer_mask), padding keys never
+    (key_ok, block [1, max_len]: the cache's flags and vision-block ids of every token)."""
     n = np.empty(len(own), np.int64)
     for j in range(len(own)):
         table[own[j], SLOT], n[j] = cpu.claim_slot(slots[j], q)
     for i in range(table.shape[0]):
         table[i, N] = n[table[i, SRC]]
-    return n
+    masks = np.zeros((len(kind_cache), n.max()), np.bool_)
+    for c in range(len(kind_cache)):
+        j = kind_cache[c]
+        for s in range(n[j]):
+            k = slots[j][s]
+            masks[c, s] = key_ok[0, k] and maskrule.visible(modes[c], q - k, window, block[0, q], block[0, k])
+    return masks
 
 
 # ---- the Python side ----------------------------------------------------------------------------
+
+ROPE_ROWS = 64  # decoding positions whose RoPE tables one call of ref's rope_cos_sin fills ahead
 
 def _matrices(p, mode: int) -> list:
     """A layer's 7 projections in `mats` order (Q..DOWN); where the mode has none (a KV-shared layer's
@@ -238,6 +250,7 @@ class DecodeStep:
     def __init__(self, cfg, params):
         self.cfg = cfg
         self._cache_lists = weakref.WeakKeyDictionary()  # cache -> its typed lists (`_lists`)
+        self._rope = (-ROPE_ROWS, None, None)  # (first position, cos, sin) of the RoPE rows (`_rope_rows`)
         lm = params
         self.tanh_loop = _tanh_loop()
         modes = [SHARED if cfg.kv_shared(i) else K_EQ_V if s.k_eq_v else OWN for i, s in enumerate(cfg.layers)]
@@ -271,6 +284,11 @@ class DecodeStep:
         self.scalars = np.array([to_f32(lm.layers[i].layer_scalar).reshape(-1)[0] for i in range(cfg.num_layers)],
                                 np.float32)
         self.own_rows = np.array(self.own, np.int64)
+        # per layer kind: its mask mode, and the cache (place in own) whose slots its layers attend over (any
+        # of its own layers: they hold the same tokens)
+        self.modes = np.array([maskrule.mode_of(cfg, kind) for kind in self.kinds], np.int64)
+        self.kind_cache = np.array([max(j for j, i in enumerate(self.own) if cfg.layers[i].kind == kind)
+                                    for kind in self.kinds], np.int64)
         self.inv_freq = [rope_inv_freq(r, d) for r, d in self.ropes]
         self.head_dim = max(s.head_dim for s in cfg.layers)
 
@@ -284,6 +302,19 @@ class DecodeStep:
                                                 List([cache.slots[i] for i in self.own]))
         return lists
 
+    def _rope_rows(self, p: int) -> tuple[np.ndarray, np.ndarray]:
+        """cos, sin [ropes, max Dh] of RoPE position p: rows of tables that ref's rope_cos_sin fills for
+        ROPE_ROWS positions at a time (elementwise, so each row equals a call for its position alone)."""
+        first, cos, sin = self._rope
+        if not first <= p < first + ROPE_ROWS:
+            first = p
+            cos, sin = np.zeros((2, ROPE_ROWS, len(self.ropes), self.head_dim), np.float32)
+            for r, inv in enumerate(self.inv_freq):
+                c, s = rope_cos_sin(np.arange(p, p + ROPE_ROWS)[None], inv)
+                cos[:, r, :inv.size * 2], sin[:, r, :inv.size * 2] = c[0], s[0]
+            self._rope = first, cos, sin
+        return cos[p - first], sin[p - first]
+
     def usable(self, x: np.ndarray, cache) -> bool:
         """One token of one sequence, after a prefill filled every layer's cache."""
         return (self.ok and x.shape[:2] == (1, 1) and isinstance(cache, cpu.RingKVCache)
@@ -294,20 +325,9 @@ class DecodeStep:
         start = cache.append_tokens(key_ok, block)
         lists = self._lists(cache)
         table = self.table.copy()  # this step's key counts and slots (the step keeps no state of its own)
-        ns = _claim_all(lists[2], start, self.own_rows, table)
-        held = {cfg.layers[i].kind: (i, int(n)) for i, n in zip(self.own, ns)}
-        cap = max(n for _, n in held.values())
-        masks = np.zeros((len(self.kinds), cap), bool)
-        q_idx = np.array([start])
-        for kind, (i, n) in held.items():
-            k_idx = cache.slots[i][:n]
-            masks[self.kinds.index(kind), :n] = MaskSpec(
-                cfg, kind, q_idx, k_idx, cache.key_ok[:, k_idx], cache.block[:, start:start + 1],
-                cache.block[:, k_idx]).dense()[0, 0]
-        cos, sin = np.zeros((2, len(self.ropes), self.head_dim), np.float32)
-        for r, inv in enumerate(self.inv_freq):
-            c, s = rope_cos_sin(np.asarray(positions).reshape(1, 1), inv)
-            cos[r, :inv.size * 2], sin[r, :inv.size * 2] = c.reshape(-1), s.reshape(-1)
+        masks = _bookkeeping(lists[2], start, self.own_rows, table, self.kind_cache, self.modes, cfg.window,
+                             cache.key_ok, cache.block)
+        cos, sin = self._rope_rows(int(np.asarray(positions).reshape(-1)[0]))
         if cpu._BLAS_RAN[0]:
             cpu.park_blas_threads()
         h = np.ascontiguousarray(x, np.float32).reshape(1, -1).copy()
@@ -328,7 +348,8 @@ def compile_step() -> None:
     table = np.zeros((1, 10), np.int64)
     table[0, [DH, H, K, MODE, N, INTER]] = (4, 1, 1, OWN, 1, 4)
     kv = np.zeros((2, 1, 4), np.float32)
-    _claim_all(List([np.full(2, -1, np.int64)]), 0, np.zeros(1, np.int64), table.copy())
+    _bookkeeping(List([np.full(2, -1, np.int64)]), 0, np.zeros(1, np.int64), table.copy(), np.zeros(1, np.int64),
+                 np.zeros(1, np.int64), 2, np.ones((1, 2), np.bool_), np.full((1, 2), -1, np.int64))
     _layers(np.ones((1, 4), np.float32), table, List([w] * 7), List([np.ones(4, np.float32)] * 7),
             np.ones(1, np.float32), List([kv]), List([kv.copy()]), np.ones((1, 2), bool),
             np.ones((1, 4), np.float32), np.zeros((1, 4), np.float32), np.float32(1e-6), loop, 2,

@@ -15,12 +15,14 @@ from hypothesis import strategies as st
 
 pytest.importorskip("numba", reason="the fast extra (numba) is not installed")
 
+import numba as nb  # noqa: E402
+
 import fast  # noqa: E402
 import ref  # noqa: E402
-from fast import cpu  # noqa: E402
+from fast import cpu, maskrule  # noqa: E402
 from ref.config import FULL, SLIDING, from_hf_dict, tiny_hf_dict  # noqa: E402
 from ref.decoder import REF, KVCache  # noqa: E402
-from ref.masks import MaskSpec  # noqa: E402
+from ref.masks import MaskSpec, layer_mask  # noqa: E402
 from ref.safetensors_io import Bf16, f32_to_bf16  # noqa: E402
 from ref.tiny import random_tensors, write_checkpoint  # noqa: E402
 
@@ -230,6 +232,39 @@ def test_attention_matches_ref_for_every_mask(t, past, heads, dh, window, kind, 
     # the prefill kernel with tiles small enough that every path runs: several query and key tiles,
     # the online softmax across them, key tiles skipped or fully open, whole tiles that see no key
     close(cpu.tiled_attention(q, k, v, spec, tile=tile, key_tile=key_tile), want)
+
+
+@nb.njit(cache=False)
+def _visible_all(mode, q_idx, k_idx, window, q_block, k_block, key_ok):
+    """maskrule.visible compiled (as fast.step and the GPU kernels use it), over every pair -> [B, T, S]."""
+    out = np.zeros((key_ok.shape[0], q_idx.size, k_idx.size), np.bool_)
+    for b in range(out.shape[0]):
+        for t in range(q_idx.size):
+            for s in range(k_idx.size):
+                out[b, t, s] = key_ok[b, s] and maskrule.visible(mode, q_idx[t] - k_idx[s], window, q_block[b, t],
+                                                                 k_block[b, s])
+    return out
+
+
+@settings(deadline=None, max_examples=200)  # cheap: enough draws that every mode meets its window's edge
+@given(t=st.integers(1, 12), past=st.integers(0, 12), window=st.integers(1, 12), kind=st.sampled_from([FULL, SLIDING]),
+       bidir=st.sampled_from(["vision", None, "all"]), pad=st.integers(0, 4), seed=st.integers(0, 999))
+def test_maskrule_pair_rule_is_refs_layer_mask(t, past, window, kind, bidir, pad, seed):
+    """fast.maskrule.visible (the decoding step's and the GPU's mask rule), compiled, over every query-key
+    pair, with the key's padding flag: ref.masks.layer_mask exactly, for every layer kind and
+    bidirectional mode, windows, padding, and vision blocks that straddle queries and keys (ids drawn at
+    random, so that blocks of several ids meet)."""
+    rng = np.random.default_rng(seed)
+    cfg = from_hf_dict(tiny_hf_dict(sliding_window=window, use_bidirectional_attention=bidir))
+    S = past + t
+    key_ok = rng.random((2, S)) > 0.2
+    key_ok[1, :pad] = False
+    block = rng.integers(-1, 2, (2, S))
+    q_idx, k_idx = np.arange(past, S), rng.permutation(S)  # keys in any order, as a ring cache holds them
+    want = layer_mask(cfg, kind, q_idx, k_idx, key_ok[:, k_idx], block[:, past:], block[:, k_idx])
+    got = _visible_all(maskrule.mode_of(cfg, kind), q_idx, k_idx, cfg.window, block[:, past:], block[:, k_idx],
+                       key_ok[:, k_idx])
+    np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("keep_mask", [True, False])
@@ -459,7 +494,7 @@ model.compile()
 names = ["_gemv_bf16", "_upcast_rows", "_rms_norm", "_decode_serial", "_decode_parallel", "_combine", "_gelu_arg",
          "_gelu_finish", "_rope", "_softmax_tile", "split_keys", "claim_slot"]
 kernels = {{n: getattr(cpu, n) for n in names}} | {{n: getattr(step, n) for n in ["_layers", "_tanh_inplace",
-                                                                                  "_claim_all"]}}
+                                                                                  "_bookkeeping"]}}
 before = {{n: set(k.signatures) for n, k in kernels.items()}}
 for rows in (1, 2):  # one sequence decodes through the compiled step, two through the layer code
     model.generate(np.arange(3, 43)[None].repeat(rows, axis=0), max_new_tokens=3)

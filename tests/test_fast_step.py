@@ -14,6 +14,7 @@ import fast
 import ref
 from fast import step
 from ref.config import tiny_hf_dict
+from ref.layers import rope_cos_sin
 from ref.model import Model
 from ref.tiny import random_tensors, write_checkpoint
 
@@ -99,6 +100,23 @@ def test_the_steps_typed_lists_live_as_long_as_their_cache(tmp_path):
                    on_token=lambda _: held.append(0 if model._step is None else len(model._step._cache_lists)))
     gc.collect()
     assert held == [0, 1, 1, 1] and len(model._step._cache_lists) == 0
+
+
+@pytest.mark.parametrize("rows", [step.ROPE_ROWS, 5])
+def test_the_steps_rope_rows_are_refs_tables_position_by_position(tmp_path, monkeypatch, rows):
+    """The RoPE rows the step fills ahead (ROPE_ROWS positions per call of ref's rope_cos_sin) equal ref's
+    tables computed for each position alone, bit for bit, for both RoPE kinds (default and proportional,
+    head dims 16 and 32), across refills, and after a jump back to an earlier position."""
+    monkeypatch.setattr(step, "ROPE_ROWS", rows)
+    model = fast.load_model(_checkpoint(tmp_path))
+    s = step.DecodeStep(model.config, model.decoder_params)
+    assert len(s.ropes) == 2
+    for p in list(range(0, 140)) + [3, 200, 4000]:
+        cos, sin = s._rope_rows(p)
+        for r, inv in enumerate(s.inv_freq):
+            c, si = rope_cos_sin(np.array([[p]]), inv)
+            n = 2 * inv.size
+            assert cos[r, :n].tobytes() == c.reshape(-1).tobytes() and sin[r, :n].tobytes() == si.reshape(-1).tobytes()
 
 
 @pytest.mark.parametrize("case", ["batch", "float32", "bias", "no_cache", "wrong_tanh"])
