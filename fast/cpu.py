@@ -666,19 +666,36 @@ TILED_MIN_QUERIES = 16
 PARALLEL_ATTENTION_WORK = 1 << 18  # query-key pairs x head dim above which two threads pay off
 
 
+NO_KEY = np.int32(-(1 << 31))  # below every float's order key: a masked score
+
+
+@nb.njit(inline="always")
+def _order_key(bits):
+    """The int32 bits of a float32 -> an int32 that orders as the floats do (-0 just below +0; NaN aside).
+    Its own inverse: the key's key is the bits again."""
+    return bits ^ ((bits >> np.int32(31)) & np.int32(0x7FFFFFFF))
+
+
 @nb.njit(fastmath=FM, cache=True)
 def _softmax_tile(p, mask, G, m, den, scale):
     """One key tile of the online softmax, in place. p [K, R, s] scores of rows r = query * G + group;
     mask [R // G, s]; m, den [K, R] running max and denominator, updated; scale [K, R] <- the factor
     e^(old max - new max) the caller applies to its running sum of values. Masked scores -> 0."""
     K, R, S = p.shape
+    keys = p.view(np.int32)
     for h in range(K):
         for r in range(R):
             t = r // G
+            # The row's max over visible scores, taken on their order keys: LLVM vectorises an integer max,
+            # not a float one (3.6x, measured: 0.043 against 0.155 ms per 4 x 256 x 512 tile).
+            top = NO_KEY
+            for j in range(S):
+                key = _order_key(keys[h, r, j]) if mask[t, j] else NO_KEY
+                top = key if key > top else top
             mx = m[h, r]
-            for j in range(S):  # a compare and select: LLVM vectorises this, not max() (2x, measured)
-                score = p[h, r, j] if mask[t, j] else np.float32(-np.inf)
-                mx = score if score > mx else mx
+            if top != NO_KEY:
+                best = _bits_to_f32(_order_key(top))
+                mx = best if best > mx else mx
             if mx == -np.inf:  # nothing visible yet
                 scale[h, r] = 1.0
                 p[h, r, :] = 0.0

@@ -234,6 +234,31 @@ def test_attention_matches_ref_for_every_mask(t, past, heads, dh, window, kind, 
     close(cpu.tiled_attention(q, k, v, spec, tile=tile, key_tile=key_tile), want)
 
 
+@SETTINGS
+@given(rows=st.integers(1, 6), keys=st.integers(1, 40), groups=st.sampled_from([1, 2, 3]), seed=st.integers(0, 999))
+def test_softmax_tiles_running_max_is_the_max_of_the_visible_scores(rows, keys, groups, seed):
+    """The online softmax takes each row's max on integer order keys of the floats: the running max after a
+    tile is exactly numpy's max over the visible scores and the previous max (signed zeros, infinities,
+    subnormals and rows that see nothing included)."""
+    rng = np.random.default_rng(seed)
+    special = np.float32([0.0, -0.0, np.inf, -np.inf, 1e-42, -1e-42, 3.4e38, -3.4e38])
+    p = rng.normal(0, 30, (2, rows * groups, keys)).astype(np.float32)
+    p[:, ::2] = -np.abs(p[:, ::2])  # rows of negative scores only: their floats order against their bits
+    pick = rng.random(p.shape) < 0.15
+    p[pick] = rng.choice(special, int(pick.sum()))
+    mask = rng.random((rows, keys)) < 0.6
+    mask[0] = False  # a row that sees nothing
+    m0 = rng.choice(np.float32([-np.inf, -np.inf, -100.0, 40.0]), (2, rows * groups)).astype(np.float32)
+    m, den, scale = m0.copy(), np.ones((2, rows * groups), np.float32), np.empty((2, rows * groups), np.float32)
+    q = p.copy()
+    cpu._softmax_tile(q, mask, groups, m, den, scale)
+    for h in range(2):
+        for r in range(rows * groups):
+            seen = p[h, r][mask[r // groups]]
+            want = max(m0[h, r], seen.max()) if seen.size else m0[h, r]
+            assert m[h, r] == want, (h, r, m[h, r], want)
+
+
 @nb.njit(cache=False)
 def _visible_all(mode, q_idx, k_idx, window, q_block, k_block, key_ok):
     """maskrule.visible compiled (as fast.step and the GPU kernels use it), over every pair -> [B, T, S]."""
