@@ -227,6 +227,7 @@ def _bookkeeping(slots, q, own, table, kind_cache, modes, window, key_ok, block)
 
 ROPE_ROWS = 64  # decoding positions whose RoPE tables one call of ref's rope_cos_sin fills ahead
 
+
 def _matrices(p, mode: int) -> list:
     """A layer's 7 projections in `mats` order (Q..DOWN); where the mode has none (a KV-shared layer's
     k/v, a k_eq_v layer's v) another of its matrices stands in, never read: each GEMV runs over the first
