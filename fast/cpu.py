@@ -538,11 +538,12 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 
 
 def lm_head(h: np.ndarray, table, cap: float | None) -> np.ndarray:
-    """h [B, T, D], table [V, D] -> soft-capped logits [B, T, V]. A few positions of a bf16 table (decoding)
-    go straight to the GEMV, past `linear`'s general path (~20 us of Python a token, measured)."""
+    """h [B, T, D], table [V, D] -> soft-capped logits [B, T, V]. A few positions (decoding) go straight to
+    `_product` (the GEMV for a bf16 table), past `linear`'s lists and reshapes (~20 us a token, measured)."""
     B, T, D = h.shape
-    if B * T <= GEMV_MAX_M and isinstance(table, Bf16):
-        return softcap(_gemv(h.reshape(B * T, D), (_read_only(table.bits),)).reshape(B, T, -1), cap)
+    if B * T <= GEMV_MAX_M:
+        x2 = np.ascontiguousarray(h.reshape(B * T, D), np.float32)
+        return softcap(_product(x2, None, table).reshape(B, T, -1), cap)
     return softcap(linear(h, table), cap)
 
 
