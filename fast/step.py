@@ -4,8 +4,7 @@ A decode step is 1 token through every layer: per layer about 20 kernel calls an
 operations of ref's layer code, each costing a few microseconds of Python and dispatch. On the bench
 model that was ~0.6-0.9 ms of an 8 ms token, time in which memory sits idle. Here one compiled function
 runs ref.decoder's steps 1-5 for every layer by calling fast.cpu's kernels in ref's order, so the result
-is the unfused path's bit for bit (tested): the same kernels on the same arrays, and numpy's own tanh
-loop called from compiled code for GELU. The cache's side (each layer's slot for the token, and which
+is the unfused path's bit for bit (tested): the same kernels on the same arrays. The cache's side (each layer's slot for the token, and which
 held keys it may see: fast.maskrule's pair rule, which mirrors ref's layer_mask and which the GPU kernels
 use too) is a second compiled call; RoPE tables come from ref's rope_cos_sin, filled ahead for 64
 positions at a time. Anything else (batches, prompts, float32/float16 weights, attention biases, traces)
@@ -18,14 +17,10 @@ delete fast/__pycache__/step.*.nb[ic], or this file's functions keep the code th
 
 from __future__ import annotations
 
-import ctypes
 import weakref
 
 import numba as nb
 import numpy as np
-from llvmlite import ir
-from numba.core import types
-from numba.extending import intrinsic
 from numba.typed import List
 
 from ref.layers import rope_cos_sin, rope_inv_freq
@@ -38,65 +33,6 @@ KIND, ROPE, DH, H, K, MODE, SRC, N, SLOT, INTER = range(10)
 OWN, K_EQ_V, SHARED = 0, 1, 2  # MODE: own q/k/v projections; V from k_proj; K/V of an earlier layer
 Q, KP, VP, O, GATE, UP, DOWN = range(7)  # a layer's matrices in `mats`, at 7 * layer + these
 IN_LN, Q_NORM, K_NORM, V_NORM, POST_ATTN, PRE_FF, POST_FF = range(7)  # its norms, at 7 * layer + these
-
-
-# ---- numpy's float32 tanh, callable from compiled code ------------------------------------------
-
-def numpy_loop(ufunc: np.ufunc, signature: str) -> tuple[int, int]:
-    """-> (function, data) addresses of the ufunc's inner loop for `signature` (e.g. "f->f"), read from
-    the PyUFuncObject (numpy/ufuncobject.h: PyObject_HEAD, int nin, nout, nargs, identity, then the
-    `functions` and `data` arrays and `ntypes`), or (0, 0) where that layout does not hold."""
-    base, p = id(ufunc), ctypes.sizeof(ctypes.c_void_p)
-    head = 2 * p  # ob_refcnt, ob_type
-    ints = [ctypes.c_int.from_address(base + head + 4 * i).value for i in range(3)]
-    functions = ctypes.c_void_p.from_address(base + head + 16).value
-    data = ctypes.c_void_p.from_address(base + head + 16 + p).value
-    ntypes = ctypes.c_int.from_address(base + head + 16 + 2 * p).value
-    if ints != [ufunc.nin, ufunc.nout, ufunc.nargs] or ntypes != ufunc.ntypes or not functions:
-        return 0, 0
-    i = ufunc.types.index(signature)
-    fn = ctypes.c_void_p.from_address(functions + p * i).value or 0
-    return fn, (ctypes.c_void_p.from_address(data + p * i).value or 0) if data else 0
-
-
-@intrinsic
-def _call_loop(typingctx, fn, data, args, dims, steps):
-    """Call a ufunc inner loop fn(char **args, npy_intp *dims, npy_intp *steps, void *data); fn and data
-    are addresses, args/dims/steps intp arrays (kept alive by being arguments here)."""
-    sig = types.void(fn, data, args, dims, steps)
-
-    def codegen(context, builder, signature, a):
-        ptr = ir.IntType(8).as_pointer()
-        fnty = ir.FunctionType(ir.VoidType(), [ptr] * 4)
-        arrays = [context.make_array(t)(context, builder, v).data for t, v in zip(signature.args[2:], a[2:])]
-        target = builder.inttoptr(a[0], fnty.as_pointer())
-        builder.call(target, [builder.bitcast(x, ptr) for x in arrays] + [builder.inttoptr(a[1], ptr)])
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-@nb.njit(cache=True)
-def _tanh_inplace(t, loop):
-    """t [n] float32 contiguous <- tanh(t) by numpy's loop; loop = (function, data) addresses."""
-    args = np.empty(2, np.intp)
-    args[0] = args[1] = t.ctypes.data
-    dims = np.full(1, t.size, np.intp)
-    steps = np.full(2, 4, np.intp)
-    _call_loop(loop[0], loop[1], args, dims, steps)
-
-
-def _tanh_loop() -> np.ndarray | None:
-    """numpy's float32 tanh loop as an intp [2] for `_tanh_inplace`, if calling it gives np.tanh's values
-    bit for bit on a probe of values (else None, and no step is compiled whole)."""
-    fn, data = numpy_loop(np.tanh, "f->f")
-    if not fn:
-        return None
-    loop = np.array([fn, data], np.intp)
-    probe = np.concatenate([np.linspace(-12, 12, 4099, dtype=np.float32), np.float32([0.0, -0.0, 1e-30])])
-    got = probe.copy()
-    _tanh_inplace(got, loop)
-    return loop if np.array_equal(got.view(np.uint32), np.tanh(probe).view(np.uint32)) else None
 
 
 # ---- the compiled step --------------------------------------------------------------------------
@@ -131,7 +67,7 @@ PRANGE_ONLY = {"prange": True, "comprehension": False, "reduction": False, "inpl
 
 
 @nb.njit(parallel=PRANGE_ONLY, cache=True)
-def _layers(x, table, mats, norms, scalars, keys, values, masks, cos, sin, eps, tanh_loop, threads, final_norm, out):
+def _layers(x, table, mats, norms, scalars, keys, values, masks, cos, sin, eps, threads, final_norm, out):
     """x [1, D] float32 <- every layer's output for one token (ref.decoder steps 1-5 per layer); out [1, D]
     <- x after the final norm (weight final_norm [D]).
     table [L, 10] (columns KIND..INTER), mats: 7 bf16 matrices per layer (Q..DOWN, see `_matrices`),
@@ -187,10 +123,7 @@ def _layers(x, table, mats, norms, scalars, keys, values, masks, cos, sin, eps, 
         for pid in nb.prange(first[2]):
             cpu._gemv_program(h, ws, first, col, pid, gu)
         g, u = gu[:, :inter].copy(), gu[:, inter:].copy()
-        th = np.empty((1, inter), np.float32)
-        cpu._gelu_arg(g, th)
-        _tanh_inplace(th.reshape(inter), tanh_loop)
-        cpu._gelu_finish(g, th, u)
+        cpu._gelu_mul(g, u)
         ws = (mats[w + DOWN], mats[w + DOWN], mats[w + DOWN])
         first, col = cpu._gemv_layout(ws, 1)
         d = np.empty((1, D), np.float32)
@@ -253,11 +186,9 @@ class DecodeStep:
         self._cache_lists = weakref.WeakKeyDictionary()  # cache -> its typed lists (`_lists`)
         self._rope = (-ROPE_ROWS, None, None)  # (first position, cos, sin) of the RoPE rows (`_rope_rows`)
         lm = params
-        self.tanh_loop = _tanh_loop()
         modes = [SHARED if cfg.kv_shared(i) else K_EQ_V if s.k_eq_v else OWN for i, s in enumerate(cfg.layers)]
         layer_mats = [_matrices(lm.layers[i], mode) for i, mode in enumerate(modes)]
-        self.ok = (self.tanh_loop is not None and not cfg.attention_bias
-                   and all(s.head_dim % 2 == 0 for s in cfg.layers)
+        self.ok = (not cfg.attention_bias and all(s.head_dim % 2 == 0 for s in cfg.layers)
                    and all(isinstance(m.weight, Bf16) for ms in layer_mats for m in ms))
         if not self.ok:
             return
@@ -334,16 +265,13 @@ class DecodeStep:
         h = np.ascontiguousarray(x, np.float32).reshape(1, -1).copy()
         out = np.empty_like(h)
         _layers(h, table, self.mats, self.norms, self.scalars, lists[0], lists[1], masks, cos, sin,
-                np.float32(cfg.rms_norm_eps), self.tanh_loop, nb.get_num_threads(), self.final_norm, out)
+                np.float32(cfg.rms_norm_eps), nb.get_num_threads(), self.final_norm, out)
         return out.reshape(1, 1, -1)
 
 
 def compile_step() -> None:
     """Compile `_layers` (or load it from Numba's cache) with the types a model passes, on a one-layer
     model of 4-wide tensors, so that the first decoded token does not pay for it."""
-    loop = _tanh_loop()
-    if loop is None:
-        return
     w = np.full((4, 4), 0x3F80, np.uint16)
     w.flags.writeable = False
     table = np.zeros((1, 10), np.int64)
@@ -353,5 +281,5 @@ def compile_step() -> None:
                  np.zeros(1, np.int64), 2, np.ones((1, 2), np.bool_), np.full((1, 2), -1, np.int64))
     _layers(np.ones((1, 4), np.float32), table, List([w] * 7), List([np.ones(4, np.float32)] * 7),
             np.ones(1, np.float32), List([kv]), List([kv.copy()]), np.ones((1, 2), bool),
-            np.ones((1, 4), np.float32), np.zeros((1, 4), np.float32), np.float32(1e-6), loop, 2,
+            np.ones((1, 4), np.float32), np.zeros((1, 4), np.float32), np.float32(1e-6), 2,
             np.ones(4, np.float32), np.empty((1, 4), np.float32))
