@@ -71,8 +71,9 @@ def masks(model, ids, mm_token_type_ids, attention_mask=None):
 
 def forward(model, ids, mm_token_type_ids=None, attention_mask=None, plain_masks=False, **media) -> np.ndarray:
     """HF logits [B, T, V] for the same arrays ref takes. plain_masks=True uses HF's own forward masks."""
+    real = next(model.parameters()).dtype  # the model's float type, for its media inputs
     kwargs = {k: _t(v, torch.long if ("position" in k or "num_frames" in k) else
-                    torch.bool if k == "input_features_mask" else torch.float32)
+                    torch.bool if k == "input_features_mask" else real)
               for k, v in media.items() if v is not None}
     ids_t = torch.as_tensor(ids, dtype=torch.long)
     if plain_masks:
@@ -82,6 +83,16 @@ def forward(model, ids, mm_token_type_ids=None, attention_mask=None, plain_masks
         mask = masks(model, ids, mm_token_type_ids, attention_mask)
     with torch.no_grad():
         return model(input_ids=ids_t, attention_mask=mask, **kwargs).logits.float().numpy()
+
+
+def forward_float64(model, ids, mm_token_type_ids=None, **media) -> np.ndarray:
+    """`forward` with the model's weights (float32, or bf16 values held as float32) in float64: the same
+    function, computed with far smaller rounding, to measure how far float32 arithmetic moves the logits."""
+    model.to(torch.float64)
+    try:
+        return forward(model, ids, mm_token_type_ids, **media)
+    finally:
+        model.to(torch.float32)
 
 
 def greedy(model, ids, mm_token_type_ids, max_new_tokens, suppress=(), eos=(), **media) -> np.ndarray:

