@@ -1,18 +1,18 @@
 """One cached decoding step of one sequence, compiled whole (as gpt-fast compiles its decode step).
 
-A decode step is 1 token through every layer: per layer about 20 kernel calls and 30 small numpy
-operations of ref's layer code, each costing a few microseconds of Python and dispatch. On the bench
-model that was ~0.6-0.9 ms of an 8 ms token, time in which memory sits idle. Here one compiled function
-runs ref.decoder's steps 1-5 for every layer by calling fast.cpu's kernels in ref's order, so the result
-is the unfused path's bit for bit (tested): the same kernels on the same arrays. The cache's side (each layer's slot for the token, and which
-held keys it may see: fast.maskrule's pair rule, which mirrors ref's layer_mask and which the GPU kernels
-use too) is a second compiled call; RoPE tables come from ref's rope_cos_sin, filled ahead for 64
-positions at a time. Anything else (batches, prompts, float32/float16 weights, attention biases, traces)
-takes ref's layer code with fast's kernels, as before.
+A decode step is 1 token through every layer: per layer about 20 kernel calls and 30 small numpy operations
+of ref's layer code, each costing a few microseconds of Python and dispatch. On the bench model that was
+~0.6-0.9 ms of an 8 ms token, time in which memory sits idle. Here one compiled function runs ref.decoder's
+steps 1-5 for every layer by calling fast.cpu's kernels in ref's order, so the result is the unfused path's
+bit for bit (tested): the same kernels on the same arrays. The cache's side (each layer's slot for the
+token, and which held keys it may see: fast.maskrule's pair rule, which mirrors ref's layer_mask and which
+the GPU kernels use too) is a second compiled call; RoPE tables come from ref's rope_cos_sin, filled ahead
+for 64 positions at a time. Anything else (batches, prompts, float32/float16 weights, attention biases,
+traces) takes ref's layer code with fast's kernels, as before.
 
-Numba's on-disk cache checks only this file's date: after editing fast/cpu.py or fast/maskrule.py,
-delete fast/__pycache__/step.*.nb[ic], or this file's functions keep the code they were compiled with
-(the tests, which compare the step with the layer code bit for bit, would show it).
+Numba's on-disk cache checks only this file's date: after editing fast/cpu.py or fast/maskrule.py, delete
+fast/__pycache__/step.*.nb[ic], or this file's functions keep the code they were compiled with (the tests,
+which compare the step with the layer code bit for bit, would show it).
 """
 
 from __future__ import annotations
