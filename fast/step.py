@@ -185,9 +185,8 @@ class DecodeStep:
         self.cfg = cfg
         self._cache_lists = weakref.WeakKeyDictionary()  # cache -> its typed lists (`_lists`)
         self._rope = (-ROPE_ROWS, None, None)  # (first position, cos, sin) of the RoPE rows (`_rope_rows`)
-        lm = params
         modes = [SHARED if cfg.kv_shared(i) else K_EQ_V if s.k_eq_v else OWN for i, s in enumerate(cfg.layers)]
-        layer_mats = [_matrices(lm.layers[i], mode) for i, mode in enumerate(modes)]
+        layer_mats = [_matrices(params.layers[i], mode) for i, mode in enumerate(modes)]
         self.ok = (not cfg.attention_bias and all(s.head_dim % 2 == 0 for s in cfg.layers)
                    and all(isinstance(m.weight, Bf16) for ms in layer_mats for m in ms))
         if not self.ok:
@@ -199,7 +198,7 @@ class DecodeStep:
         table = np.zeros((cfg.num_layers, 10), np.int64)
         D = cfg.hidden_size
         for i, spec in enumerate(cfg.layers):
-            p, a = lm.layers[i], lm.layers[i].self_attn
+            p, a = params.layers[i], params.layers[i].self_attn
             for m in layer_mats[i]:
                 mats.append(cpu._read_only(m.weight.bits))
             for w, n in [(p.input_layernorm.weight, D), (a.q_norm.weight, spec.head_dim),
@@ -212,8 +211,8 @@ class DecodeStep:
                 cfg.num_attention_heads, spec.num_kv_heads, modes[i], self.own.index(spec.kv_source),
                 spec.intermediate_size)
         self.mats, self.norms, self.table = mats, norms, table
-        self.final_norm = _f32(lm.norm.weight, D)
-        self.scalars = np.array([to_f32(lm.layers[i].layer_scalar).reshape(-1)[0] for i in range(cfg.num_layers)],
+        self.final_norm = _f32(params.norm.weight, D)
+        self.scalars = np.array([to_f32(params.layers[i].layer_scalar).reshape(-1)[0] for i in range(cfg.num_layers)],
                                 np.float32)
         self.own_rows = np.array(self.own, np.int64)
         # per layer kind: its mask mode, and the cache (place in own) whose slots its layers attend over (any
