@@ -96,7 +96,10 @@ def forward_float64(model, ids, mm_token_type_ids=None, **media) -> np.ndarray:
 
 
 def greedy(model, ids, mm_token_type_ids, max_new_tokens, suppress=(), eos=(), **media) -> np.ndarray:
-    """HF greedy decoding by full recomputation under SPEC.md's masks: each step runs the whole sequence."""
+    """HF greedy decoding by full recomputation under SPEC.md's masks: each step runs the whole sequence.
+    Stops when every row has produced an eos id, or any row a media placeholder id: recomputing past one
+    gives HF more placeholders than features, which it rejects (the tokens up to it are still HF's)."""
+    placeholders = {getattr(model.config, n) for n in ("image_token_id", "audio_token_id", "video_token_id")}
     out = []
     seq = np.asarray(ids)
     types = np.asarray(mm_token_type_ids) if mm_token_type_ids is not None else None
@@ -107,6 +110,6 @@ def greedy(model, ids, mm_token_type_ids, max_new_tokens, suppress=(), eos=(), *
         nxt = logits.argmax(-1)
         out.append(nxt)
         seq = np.concatenate([seq, nxt[:, None]], axis=1)
-        if all(int(n) in eos for n in nxt):
+        if all(int(n) in eos for n in nxt) or any(int(n) in placeholders for n in nxt):
             break
     return np.stack(out, axis=1)

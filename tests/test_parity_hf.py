@@ -267,12 +267,10 @@ def test_combined_random_configs_match_hf_through_ref_and_fast(tmp_path_factory,
     want = hf_peer.forward(hf, ids, types, **media)
     hf_error = _rel(want, hf_peer.forward_float64(hf, ids, types, **media))
     tol = TOL if hf_error < TOL / 4 else ILL_CONDITIONED_TOL
-    # HF's greedy stops where ours does (an eos id) and also after a media placeholder id, beyond which
-    # recomputing the whole sequence is no longer valid input to HF (more placeholders than features);
+    # HF's greedy stops where ours does (an eos id), and after a media placeholder id (hf_peer.greedy);
     # ours is held to HF's tokens that far.
     cfg = ours.config
-    stop = (*cfg.eos_token_ids, cfg.image_token_id, cfg.audio_token_id, cfg.video_token_id)
-    tokens = hf_peer.greedy(hf, ids, types, 4, suppress=cfg.suppress_tokens, eos=stop, **media)
+    tokens = hf_peer.greedy(hf, ids, types, 4, suppress=cfg.suppress_tokens, eos=cfg.eos_token_ids, **media)
     for name in ("ref", "fast"):  # ref's checks run even where fast is not installed (then a skip says so)
         model = ours if name == "ref" else _loader(name)(ours.path)
         err = _rel(model.forward(ids, mm_token_type_ids=types, **media), want)
@@ -281,6 +279,23 @@ def test_combined_random_configs_match_hf_through_ref_and_fast(tmp_path_factory,
         assert err <= tol, f"{name}: relative error {err:.2e} (HF's own float32 error {hf_error:.1e}) on {c}"
         got = model.generate(ids, mm_token_type_ids=types, max_new_tokens=4, **media)
         np.testing.assert_array_equal(got[:, :tokens.shape[1]], tokens, err_msg=f"{name} on {c}")
+
+
+def test_hf_greedy_stops_after_a_media_placeholder():
+    """The peer's greedy (full recomputation) ends at a generated media placeholder id, past which HF would
+    see more placeholders than features; its tokens up to there are unchanged. The audio placeholder id
+    is pointed at the first token this model picks freely on a text prompt that it did not pick before."""
+    model = hf_peer.build(tiny_hf_dict(), 8)
+    ids = np.random.default_rng(3).integers(3, 400, (1, 9))
+    free = hf_peer.greedy(model, ids, None, 8)
+    j = next(j for j in range(1, free.shape[1]) if free[0, j] not in free[0, :j])
+    saved = model.config.audio_token_id
+    model.config.audio_token_id = int(free[0, j])
+    try:
+        stopped = hf_peer.greedy(model, ids, None, 8)
+    finally:
+        model.config.audio_token_id = saved
+    np.testing.assert_array_equal(stopped, free[:, :j + 1])
 
 
 def test_greedy_honours_suppress_tokens_and_eos(tmp_path, load):
