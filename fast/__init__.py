@@ -2,7 +2,8 @@
 
 `fast.load_model(path, device="cpu"|"gpu")` returns a model with ref's `forward` and `generate`: config,
 loader, processors, masks and sampling are ref's; only the kernels (fast/cpu.py, fast/gpu.py) and the
-KV cache differ, and on the CPU a cached one-token step runs those kernels from one compiled function
+KV cache differ, and on the CPU a prompt of one sequence runs with the tokens along the columns
+(fast/prefill.py) and a cached one-token step runs those kernels from one compiled function
 (fast/step.py). Results equal ref's to float32 rounding.
 """
 
@@ -33,13 +34,19 @@ class CpuModel(Model):
         self._cache_type = cpu.RingKVCache
         self._step = None  # fast.step.DecodeStep, built at the first cached step
         self.whole_step = True  # False: decoding steps run ref's layer code with fast's kernels, call by call
+        self.token_minor = True  # False: prompts run ref's layer code with fast's kernels (fast/prefill.py)
         cpu.keep_freed_memory()
 
     def new_cache(self, batch: int, max_len: int):
         return self._cache_type(batch, max_len)
 
     def run_decoder(self, x, positions, key_ok, block, cache=None, trace=None):
-        """ref's decoder, except that a cached step of one token runs compiled whole (fast/step.py)."""
+        """ref's decoder, except that a cached step of one token runs compiled whole (fast/step.py) and a
+        prompt of one sequence runs with the tokens along the columns (fast/prefill.py)."""
+        from . import prefill
+
+        if self.token_minor and prefill.usable(x, trace):
+            return prefill.forward(x, self.decoder_params, self.config, positions, key_ok, block, cache)
         if self.whole_step and trace is None and cache is not None:
             if self._step is None:
                 from .step import DecodeStep
@@ -51,10 +58,12 @@ class CpuModel(Model):
 
     def compile(self) -> float:
         """Compile (or load from Numba's cache) every kernel now -> seconds it took."""
+        from .prefill import compile_prefill
         from .step import compile_step
 
         t0 = time.perf_counter()
         self._cpu.compile_kernels()
+        compile_prefill()
         compile_step()
         return time.perf_counter() - t0
 

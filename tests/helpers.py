@@ -61,3 +61,37 @@ def count_step_calls(monkeypatch) -> list:
 
     monkeypatch.setattr(step, "_layers", counted)
     return calls
+
+
+# What the attention tests draw: any query/key counts, GQA groupings, odd head dims, windows, mask kinds and
+# bidirectional modes, left padding, and query/key tile sizes small enough that every tiling path runs.
+def attention_strategies():
+    from hypothesis import strategies as st
+
+    from ref.config import FULL, SLIDING
+
+    return dict(t=st.integers(1, 20), past=st.integers(0, 20), heads=st.sampled_from([(4, 1), (4, 2), (4, 4), (6, 3)]),
+                dh=st.sampled_from([1, 3, 8, 17]), window=st.integers(1, 12), kind=st.sampled_from([FULL, SLIDING]),
+                bidir=st.sampled_from(["vision", None, "all"]), pad=st.integers(0, 4), tile=st.integers(1, 7),
+                key_tile=st.integers(1, 9), seed=st.integers(0, 999))
+
+
+def attention_case(batch, t, past, heads, dh, window, kind, bidir, pad, seed):
+    """Random q [batch, t, H, Dh], k, v [batch, past + t, K, Dh] and the MaskSpec of t queries after `past`
+    keys: the last sequence left-padded by `pad` (query rows that see nothing at all), a vision block
+    straddling queries and past keys."""
+    from ref.config import from_hf_dict, tiny_hf_dict
+    from ref.masks import MaskSpec
+
+    rng = np.random.default_rng(seed)
+    H, K = heads
+    S = past + t
+    cfg = from_hf_dict(tiny_hf_dict(sliding_window=window, use_bidirectional_attention=bidir))
+    q = rng.normal(size=(batch, t, H, dh)).astype(np.float32)
+    k = rng.normal(size=(batch, S, K, dh)).astype(np.float32)
+    v = rng.normal(size=(batch, S, K, dh)).astype(np.float32)
+    key_ok = np.ones((batch, S), bool)
+    key_ok[-1, :pad] = False
+    block = np.full((batch, S), -1)
+    block[:, S // 3: S // 3 + 4] = 0
+    return q, k, v, MaskSpec(cfg, kind, np.arange(past, S), np.arange(S), key_ok, block[:, past:], block)

@@ -54,24 +54,33 @@ def test_estimate_12b_times_every_layer_and_the_head(tmp_path):
 
 def test_profile_fast_accounts_for_every_timed_function(tmp_path):
     """tools/profile_fast.py on a tiny bf16 model: the own times of the timed functions are positive and add
-    up to no more than the phase they were measured in; prefill runs token-minor BLAS products, their
-    transposes and the upcast; decode runs the compiled step once per token, or (layer code) the GEMV and the
-    split-key attention, each with the calls one step makes. The functions are unwrapped afterwards."""
+    up to no more than the phase they were measured in; prefill runs token-minor (fast/prefill.py's functions
+    around the BLAS products and the upcast) or, as layer code, the same products with their transposes and
+    fast's kernels; decode runs the compiled step once per token, or (layer code) the GEMV and the split-key
+    attention, each with the calls one step makes. The functions are unwrapped afterwards."""
     import fast
-    from fast import cpu, step
+    from fast import cpu, prefill, step
     from ref.config import tiny_hf_dict
     from ref.tiny import random_tensors, write_checkpoint
 
     tool = _tool("profile_fast")
-    originals = {name: getattr(cpu, name) for name in tool.ROWS} | {"_layers": step._layers}
+    def wrapped():
+        return ({name: getattr(cpu, name) for name in tool.ROWS} | {"_layers": step._layers} |
+                {name: getattr(prefill, name) for name in tool.PREFILL_ROWS})
+
+    originals = wrapped()
 
     hf = tiny_hf_dict()
     model = fast.load_model(write_checkpoint(tmp_path / "m", hf, random_tensors(hf, dtype="BF16")))
     whole = tool.profile(model, np.arange(3, 40)[None], n_decode=4, repeats=1)
-    model.whole_step = False
+    model.whole_step = model.token_minor = False
     r = tool.profile(model, np.arange(3, 40)[None], n_decode=4, repeats=1)
-    assert originals == {name: getattr(cpu, name) for name in tool.ROWS} | {"_layers": step._layers}, \
-        "the functions were not unwrapped"
+    assert originals == wrapped(), "the functions were not unwrapped"
+    total, rows = whole["prefill"]
+    must = {"matmul_t", "_upcast_rows", "transpose", "norm_t", "head_norm_rope_t", "residual_t", "attention_t",
+            "softmax_t"}
+    assert must <= set(rows) and "rms_norm" not in rows and sum(own for _, own in rows.values()) <= total
+    assert rows["residual_t"][0] == 2 * len(model.config.layers)
     total, rows = whole["decode"]
     assert rows["_layers"][0] == 1 and rows["DecodeStep.__call__"][0] == 1  # one compiled step per token
     assert "decode_attention" not in rows and sum(own for _, own in rows.values()) <= total

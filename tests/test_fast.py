@@ -26,6 +26,8 @@ from ref.masks import MaskSpec, layer_mask  # noqa: E402
 from ref.safetensors_io import Bf16, f32_to_bf16  # noqa: E402
 from ref.tiny import random_tensors, write_checkpoint  # noqa: E402
 
+from helpers import attention_case, attention_strategies  # noqa: E402
+
 SETTINGS = settings(deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow])
 TOL = 1e-5
 
@@ -249,23 +251,9 @@ def test_gelu_is_refs_within_what_its_tanh_allows(shape, scale, seed):
 
 
 @SETTINGS
-@given(t=st.integers(1, 20), past=st.integers(0, 20), heads=st.sampled_from([(4, 1), (4, 2), (4, 4), (6, 3)]),
-       dh=st.sampled_from([1, 3, 8, 17]), window=st.integers(1, 12), kind=st.sampled_from([FULL, SLIDING]),
-       bidir=st.sampled_from(["vision", None, "all"]), pad=st.integers(0, 4), tile=st.integers(1, 7),
-       key_tile=st.integers(1, 9), seed=st.integers(0, 999))
+@given(**attention_strategies())
 def test_attention_matches_ref_for_every_mask(t, past, heads, dh, window, kind, bidir, pad, tile, key_tile, seed):
-    rng = np.random.default_rng(seed)
-    H, K = heads
-    S = past + t
-    cfg = from_hf_dict(tiny_hf_dict(sliding_window=window, use_bidirectional_attention=bidir))
-    q = rng.normal(size=(2, t, H, dh)).astype(np.float32)
-    k = rng.normal(size=(2, S, K, dh)).astype(np.float32)
-    v = rng.normal(size=(2, S, K, dh)).astype(np.float32)
-    key_ok = np.ones((2, S), bool)
-    key_ok[1, :pad] = False  # left padding: some query rows see nothing at all
-    block = np.full((2, S), -1)
-    block[:, S // 3: S // 3 + 4] = 0  # a vision block straddling queries and past keys
-    spec = MaskSpec(cfg, kind, np.arange(past, S), np.arange(S), key_ok, block[:, past:], block)
+    q, k, v, spec = attention_case(2, t, past, heads, dh, window, kind, bidir, pad, seed)
     want = REF.attention(q, k, v, spec)
     close(cpu.attention(q, k, v, spec), want)
     # the decode kernels with key chunks small enough that chunks are merged (some see no key), on one
@@ -546,9 +534,9 @@ def test_keep_freed_memory_applies_on_glibc():
 
 
 def test_compile_kernels_leaves_nothing_to_compile_for_a_bf16_model(tmp_path):
-    """After `model.compile()`, prefill and decode (the compiled step and the layer code) of a bf16
-    checkpoint add no Numba specialisation (so `python -m ref.run --backend fast` times the model, not the
-    compiler). A fresh process: in this one, earlier tests have compiled specialisations already."""
+    """After `model.compile()`, prefill (token-minor and the layer code) and decode (the compiled step and the
+    layer code) of a bf16 checkpoint add no Numba specialisation (so `python -m ref.run --backend fast` times
+    the model, not the compiler). A fresh process: in this one, earlier tests have compiled specialisations already."""
     import ast
     import subprocess
 
@@ -556,14 +544,16 @@ def test_compile_kernels_leaves_nothing_to_compile_for_a_bf16_model(tmp_path):
     path = write_checkpoint(tmp_path / "ckpt", hf, random_tensors(hf, dtype="BF16"))
     script = f"""
 import numpy as np, fast
-from fast import cpu, step
+from fast import cpu, prefill, step
 model = fast.load_model({str(path)!r})
 model.compile()
 names = ["_gemv_bf16", "_upcast_rows", "_rms_norm", "_decode_serial", "_decode_parallel", "_combine", "_gelu_mul",
          "_rope", "_softmax_tile", "split_keys", "claim_slot"]
 kernels = {{n: getattr(cpu, n) for n in names}} | {{n: getattr(step, n) for n in ["_layers", "_bookkeeping"]}}
+kernels |= {{n: getattr(prefill, n) for n in ["_inv_rms", "norm_t", "_norm_t", "head_norm_rope_t", "residual_t",
+                                              "softmax_t"]}}
 before = {{n: set(k.signatures) for n, k in kernels.items()}}
-for rows in (1, 2):  # one sequence decodes through the compiled step, two through the layer code
+for rows in (1, 2):  # one sequence: token-minor prompt, compiled step; two: the layer code
     model.generate(np.arange(3, 43)[None].repeat(rows, axis=0), max_new_tokens=3)
 print({{n: len(set(k.signatures) - before[n]) for n, k in kernels.items()}})
 """

@@ -7,12 +7,14 @@ bookkeeping), the embedding and the token's selection. A timer costs about a mic
 lands in the row it wraps (a decoded token makes ~200 calls). The README's "Where the time goes" comes
 from this tool.
 
-A decoding step runs compiled whole (fast/step.py): its layers are one row, `_layers`, and the Python
-around them (the cache's slots, the masks, RoPE tables) the row `DecodeStep.__call__`. `--layer-code`
-decodes through ref's layer code with fast's kernels instead, which splits the step kernel by kernel.
+A prompt runs token-minor (fast/prefill.py: its functions' rows); `--prefill-layer-code` runs it through
+ref's layer code with fast's kernels instead. A decoding step runs compiled whole (fast/step.py): its
+layers are one row, `_layers`, and the Python around them (the cache's slots, the masks, RoPE tables) the
+row `DecodeStep.__call__`. `--layer-code` decodes through ref's layer code with fast's kernels instead,
+which splits the step kernel by kernel.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python tools/profile_fast.py [--prompt 512] [--decode 32]
-        [--layer-code]
+        [--layer-code] [--prefill-layer-code]
 """
 
 from __future__ import annotations
@@ -47,6 +49,13 @@ ROWS = {  # fast.cpu function -> what its own time is
     "rms_norm": "RMSNorm (kernel and wrapper)",
     "apply_rope": "RoPE (kernel and wrapper)",
     "lm_head": "head: soft-capping",
+}
+PREFILL_ROWS = {  # fast.prefill function -> what its own time is
+    "norm_t": "prefill, token-minor: the first input norm",
+    "head_norm_rope_t": "prefill, token-minor: q/k/v norms and RoPE",
+    "residual_t": "prefill, token-minor: residual adds fused with their norms and the next norm",
+    "attention_t": "prefill, token-minor: attention, the BLAS tiles (and their wrapper)",
+    "softmax_t": "prefill, token-minor: attention's online softmax",
 }
 STEP_ROWS = {  # fast.step names -> what their own time is
     "_layers": "decode: every layer compiled whole (GEMVs, attention, norms, RoPE, GELU), the final norm",
@@ -90,14 +99,14 @@ class Timers:
 
 
 def instrument(model) -> Timers:
-    """Wrap ROWS in fast.cpu and STEP_ROWS in fast.step, and give `model` kernels that call the wrapped
-    functions -> the timers (`Timers.uninstrument` puts the functions back)."""
-    from fast import cpu, step
+    """Wrap ROWS in fast.cpu, PREFILL_ROWS in fast.prefill and STEP_ROWS in fast.step, and give `model`
+    kernels that call the wrapped functions -> the timers (`Timers.uninstrument` puts the functions back)."""
+    from fast import cpu, prefill, step
     from ref.decoder import Kernels
 
     timers = Timers()
-    places = [(cpu, name, name) for name in ROWS] + [(step, "_layers", "_layers"),
-                                                      (step.DecodeStep, "__call__", "DecodeStep.__call__")]
+    places = [(cpu, name, name) for name in ROWS] + [(prefill, name, name) for name in PREFILL_ROWS] + [
+        (step, "_layers", "_layers"), (step.DecodeStep, "__call__", "DecodeStep.__call__")]
     for owner, attr, row in places:
         timers.saved.append((owner, attr, getattr(owner, attr)))
         setattr(owner, attr, timers.wrap(row, getattr(owner, attr)))
@@ -144,7 +153,7 @@ def profile(model, ids: np.ndarray, n_decode: int, repeats: int = 3) -> dict:
 def table(title: str, total: float, rows: dict) -> str:
     lines = [f"{title}: {total * 1e3:.2f} ms", f"  {'function':19} {'calls':>7} {'ms':>8} {'share':>6}"]
     for name, (calls, own) in sorted(rows.items(), key=lambda kv: -kv[1][1]):
-        what = ROWS.get(name) or STEP_ROWS[name]
+        what = ROWS.get(name) or PREFILL_ROWS.get(name) or STEP_ROWS[name]
         lines.append(f"  {name:19} {calls:7.0f} {own * 1e3:8.2f} {own / total:6.1%}  {what}")
     rest = total - sum(own for _, own in rows.values())
     lines.append(f"  {'rest':19} {'':7} {rest * 1e3:8.2f} {rest / total:6.1%}  ref's layer code, embedding, masks, "
@@ -161,12 +170,15 @@ def main(argv=None) -> int:
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--layer-code", action="store_true", help="decode through ref's layer code, kernel by kernel")
+    ap.add_argument("--prefill-layer-code", action="store_true",
+                    help="prefill through ref's layer code with fast's kernels, not token-minor")
     args = ap.parse_args(argv)
     hf = bench_config(args.layers)
     with tempfile.TemporaryDirectory() as tmp:
         model = fast.load_model(write_bench_checkpoint(Path(tmp), hf))
         model.compile()
         model.whole_step = not args.layer_code
+        model.token_minor = not args.prefill_layer_code
         bw = read_bandwidth()
         r = profile(model, bench_prompt(args.prompt), args.decode)
         bw = max(bw, read_bandwidth())

@@ -1,0 +1,277 @@
+"""A prompt of one sequence through the decoder with the tokens along the columns (token-minor).
+
+fast's products of 9-512 tokens run token-minor (w @ x^T, `fast.cpu.matmul_t`: OpenBLAS is faster that
+way on this project's machine), so ref's layer code, which keeps the tokens along the rows, transposes into
+and out of every product: 62 transposes in a 512-token prefill of the bench model (~11 ms of ~390). Here
+the hidden states stay transposed, x^T [D, T], through every layer: each product's output is the next
+step's input as it is, norms reduce down the columns (vectorised along the tokens), attention works on
+transposed score tiles (keys along the rows), and each residual add is fused with its norm and the next
+norm. What is left to transpose: the embeddings once, each layer's K and V once (the KV cache holds them
+token-major), and the final hidden states once.
+
+It computes ref.decoder's steps 1-5 in their order, on the same values (`fast.cpu`'s products and GELU);
+only the sums' order differs (norms over columns), so it matches the layer code to float32 rounding
+(tested against ref, and against fast's layer code). It serves one sequence of GEMV_MAX_M < T <=
+TOKEN_MINOR_MAX_M tokens without a trace; batches, single tokens, longer prompts and traced runs take
+ref's layer code with fast's kernels.
+
+Numba's on-disk cache checks only this file's date: after editing fast/cpu.py, delete
+fast/__pycache__/prefill.*.nb[ic] (the inlined exp32 and bf16 reads would otherwise stay as compiled).
+"""
+
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+
+from ref.layers import rope_cos_sin, rope_inv_freq
+from ref.masks import MaskSpec
+from ref.safetensors_io import Bf16, to_f32
+
+from . import cpu
+from .cpu import FM, as_f32, exp32
+
+NEG_INF = np.float32(-np.inf)
+QUERY_TILE = 128  # queries per attention tile (as fast.cpu.tiled_attention: 96-128 measured best)
+KEY_TILE = 512  # keys per score tile
+
+
+# ---- kernels: tokens along the columns -----------------------------------------------------------
+
+@nb.njit(fastmath=FM, error_model="numpy", cache=True)
+def _inv_rms(x, r0, r1, eps, inv):
+    """x [R, T] -> inv [T] = (mean of x[r0:r1, t]^2 + eps)^-0.5 for every column t."""
+    T = x.shape[1]
+    inv[:] = 0.0
+    for r in range(r0, r1):
+        for t in range(T):
+            inv[t] += x[r, t] * x[r, t]
+    n = np.float32(r1 - r0)
+    for t in range(T):
+        inv[t] = np.float32(1.0) / np.sqrt(inv[t] / n + eps)
+
+
+@nb.njit(fastmath=FM, error_model="numpy", cache=True)
+def norm_t(x, w, eps, out):
+    """x [N, T] -> out [N, T]: each column RMS-normed, times w [N] (float or bf16 bits); ref's rms_norm
+    of x^T, transposed."""
+    _norm_t(x, w, eps, out)
+
+
+@nb.njit(fastmath=FM, error_model="numpy", cache=True)
+def _norm_t(x, w, eps, out):
+    """`norm_t`, under a name that tools/profile_fast.py does not wrap (compiled callers need the function)."""
+    N, T = x.shape
+    inv = np.empty(T, np.float32)
+    _inv_rms(x, 0, N, eps, inv)
+    _scale(x, 0, N, inv, w, out)
+
+
+@nb.njit(fastmath=FM, error_model="numpy", cache=True)
+def _scale(x, r0, n, inv, w, out):
+    """out[r0 + r, t] = x[r0 + r, t] * inv[t] * w[r] for r < n: a norm's second pass."""
+    for r in range(n):
+        wr = as_f32(w[r])
+        for t in range(x.shape[1]):
+            out[r0 + r, t] = x[r0 + r, t] * inv[t] * wr
+
+
+@nb.njit(fastmath=FM, error_model="numpy", cache=True)
+def head_norm_rope_t(x, w, dh, cos, sin, eps, rotate, out):
+    """x [H * dh, T] (head h in rows h*dh..) -> out: each head's column RMS-normed, times w [dh], then, if
+    `rotate`, RoPE with cos/sin [dh, T] in ref's order (x cos + rotate_half(x) sin, pairs (i, i + dh/2))."""
+    R, T = x.shape
+    half = dh // 2
+    inv = np.empty(T, np.float32)
+    for b in range(0, R, dh):
+        _inv_rms(x, b, b + dh, eps, inv)
+        if not rotate:
+            _scale(x, b, dh, inv, w, out)
+            continue
+        for r in range(half):
+            w1, w2 = as_f32(w[r]), as_f32(w[r + half])
+            for t in range(T):
+                y1 = x[b + r, t] * inv[t] * w1
+                y2 = x[b + r + half, t] * inv[t] * w2
+                out[b + r, t] = y1 * cos[r, t] + (-y2) * sin[r, t]
+                out[b + r + half, t] = y2 * cos[r + half, t] + y1 * sin[r + half, t]
+
+
+@nb.njit(fastmath=FM, error_model="numpy", cache=True)
+def residual_t(x, a, w, eps, scalar, w_next, h):
+    """ref.decoder steps 3-5 on columns: x [D, T] <- (x + rms_norm(a) w) * scalar, a [D, T]; then
+    h [D, T] <- rms_norm(x) w_next, the next step's input (the pre-feedforward norm, the next layer's input
+    norm, or the final norm)."""
+    D, T = x.shape
+    inv = np.empty(T, np.float32)
+    _inv_rms(a, 0, D, eps, inv)
+    for r in range(D):
+        wr = as_f32(w[r])
+        for t in range(T):
+            x[r, t] = (x[r, t] + a[r, t] * inv[t] * wr) * scalar
+    _norm_t(x, w_next, eps, h)
+
+
+@nb.njit(fastmath=FM, error_model="numpy", cache=True)
+def softmax_t(p, mask, s0, t0, m, den, scale):
+    """One key tile of the online softmax on transposed scores, in place. p [R, s, n]: scores of key s0 + j
+    (rows) and query t0 + t (columns) for R heads; mask [S, T] bool, keys x queries; m, den [R, n] running
+    max and denominator, updated; scale [R, n] <- e^(old max - new max), for the caller's running sum of
+    values. Masked scores -> 0. The max and sums run down the columns, vectorised along the queries."""
+    R, S, n = p.shape
+    top = np.empty(n, np.float32)
+    total = np.empty(n, np.float32)
+    for h in range(R):
+        top[:] = m[h]
+        total[:] = 0.0
+        for j in range(S):
+            row = mask[s0 + j, t0:t0 + n]  # a view: indexing the 2D mask inside the loop stops vectorising
+            for t in range(n):
+                v = p[h, j, t] if row[t] else NEG_INF
+                top[t] = v if v > top[t] else top[t]
+        for j in range(S):
+            row = mask[s0 + j, t0:t0 + n]
+            for t in range(n):
+                e = exp32(p[h, j, t] - top[t]) if row[t] else np.float32(0.0)
+                p[h, j, t] = e
+                total[t] += e
+        for t in range(n):
+            if top[t] == NEG_INF:  # nothing visible yet
+                scale[h, t] = 1.0
+            else:
+                scale[h, t] = exp32(m[h, t] - top[t])
+                den[h, t] = den[h, t] * scale[h, t] + total[t]
+                m[h, t] = top[t]
+
+
+def attention_t(qT: np.ndarray, k: np.ndarray, v: np.ndarray, maskT: np.ndarray, tile: int = QUERY_TILE,
+                key_tile: int = KEY_TILE) -> np.ndarray:
+    """Grouped-query attention on columns: qT [H * Dh, T] (head h in rows h*Dh..), k, v [S, K, Dh], maskT
+    [S, T] bool (keys x queries) -> [H * Dh, T]. As fast.cpu.tiled_attention, transposed: per tile of
+    `tile` queries, scores K_h Q_h^T [s, n] for `key_tile` keys at a time through BLAS (visiting only the
+    keys the tile can see), the online softmax down the columns, values V_h^T P [Dh, n]. A query that
+    sees no key gets the mean of all values, as ref and HF."""
+    S, K, Dh = k.shape
+    T = qT.shape[1]
+    G = qT.shape[0] // (K * Dh)
+    out = np.empty_like(qT)
+    q4 = qT.reshape(K, G, Dh, T)
+    kh = k.transpose(1, 0, 2)[:, None]  # [K, 1, S, Dh] views, strided: BLAS reads them as they are
+    vh = v.transpose(1, 2, 0)[:, None]  # [K, 1, Dh, S]
+    for t0 in range(0, T, tile):
+        t1 = min(T, t0 + tile)
+        n = t1 - t0
+        visible = np.flatnonzero(maskT[:, t0:t1].any(axis=1))
+        lo, hi = (visible[0], visible[-1] + 1) if visible.size else (0, 0)
+        m = np.full((K * G, n), NEG_INF, np.float32)
+        den, scale = np.zeros((K * G, n), np.float32), np.empty((K * G, n), np.float32)
+        acc = None  # exp-weighted values [K, G, Dh, n]
+        for s0 in range(lo, hi, key_tile):
+            s1 = min(hi, s0 + key_tile)
+            p = np.matmul(kh[:, :, s0:s1], q4[..., t0:t1])  # [K, G, s, n]
+            softmax_t(p.reshape(K * G, s1 - s0, n), maskT, s0, t0, m, den, scale)
+            pv = np.matmul(vh[..., s0:s1], p)
+            if acc is None:
+                acc = pv
+            else:
+                acc *= scale.reshape(K, G, 1, n)
+                acc += pv
+        if acc is None:  # the whole tile sees no key
+            acc = np.zeros((K, G, Dh, n), np.float32)
+        blind = den == 0
+        if blind.any():
+            heads, cols = np.nonzero(blind)
+            acc.reshape(K * G, Dh, n)[heads, :, cols] = v.mean(axis=0)[heads // G]
+            den[blind] = 1
+        acc /= den.reshape(K, G, 1, n)
+        out[:, t0:t1] = acc.reshape(K * G * Dh, n)
+    return out
+
+
+# ---- the pass ------------------------------------------------------------------------------------
+
+def usable(x: np.ndarray, trace) -> bool:
+    """Whether `forward` serves this call: one sequence of GEMV_MAX_M < T <= TOKEN_MINOR_MAX_M tokens,
+    untraced (a trace wants every layer's token-major output; ref's layer code gives it)."""
+    return trace is None and x.shape[0] == 1 and cpu.GEMV_MAX_M < x.shape[1] <= cpu.TOKEN_MINOR_MAX_M
+
+
+def _weight(w):
+    """A norm weight as the kernels read it: bf16 bits, or float32."""
+    return w.bits if isinstance(w, Bf16) else to_f32(w)
+
+
+def _ones(n: int) -> np.ndarray:
+    return np.ones(n, np.float32)
+
+
+def forward(x: np.ndarray, params, cfg, positions: np.ndarray, key_ok: np.ndarray, block: np.ndarray,
+            cache=None) -> np.ndarray:
+    """ref.decoder.decoder_forward for one sequence (see `usable`), token-minor: inputs_embeds [1, T, D],
+    positions [1, T], key_ok [1, T], block [1, T] -> final-normed hidden states [1, T, D]. With a cache,
+    the T tokens follow the cache's tokens and are added to it."""
+    _, T, D = x.shape
+    eps = np.float32(cfg.rms_norm_eps)
+    start = 0
+    if cache is not None:
+        start = cache.append_tokens(key_ok, block)
+        key_ok, block = cache.key_ok, cache.block
+    q_idx = start + np.arange(T)
+    xT = cpu.transpose(x[0])  # [D, T], the residual stream from here on
+    h = np.empty_like(xT)
+    norm_t(xT, _weight(params.layers[0].input_layernorm.weight), eps, h)  # 1
+    rope_tables, masks, kv = {}, {}, {}
+    for i, spec in enumerate(cfg.layers):
+        p, a = params.layers[i], params.layers[i].self_attn
+        Dh = spec.head_dim
+        key = (spec.rope, Dh)
+        if key not in rope_tables:
+            cos, sin = rope_cos_sin(positions, rope_inv_freq(spec.rope, Dh))
+            rope_tables[key] = np.ascontiguousarray(cos[0].T), np.ascontiguousarray(sin[0].T)  # [Dh, T]
+        cosT, sinT = rope_tables[key]
+        shared = cfg.kv_shared(i)
+        names = ["q_proj"] if shared else ["q_proj", "k_proj"] if spec.k_eq_v else ["q_proj", "k_proj", "v_proj"]
+        proj = [cpu.matmul_t(a[n].weight, h) for n in names]  # 2, each [Out, T]
+        if cfg.attention_bias:
+            proj = [y + to_f32(a[n].bias)[:, None] for y, n in zip(proj, names)]
+        qT = np.empty_like(proj[0])
+        head_norm_rope_t(proj[0], _weight(a.q_norm.weight), Dh, cosT, sinT, eps, True, qT)
+        if shared:
+            kv[i] = kv[spec.kv_source]
+        else:  # k_eq_v: v is k's projection, taken before k_norm and RoPE
+            kT, vT = np.empty_like(proj[1]), np.empty_like(proj[-1])
+            head_norm_rope_t(proj[1], _weight(a.k_norm.weight), Dh, cosT, sinT, eps, True, kT)
+            head_norm_rope_t(proj[-1], _ones(Dh), Dh, cosT, sinT, eps, False, vT)
+            k, v = (cpu.transpose(y).reshape(1, T, -1, Dh) for y in (kT, vT))  # token-major, as the cache holds
+            kv[i] = (k, v, q_idx) if cache is None else cache.extend(i, k, v, q_idx, spec.kind, cfg.window)
+        k_all, v_all, k_idx = kv[i]
+        if spec.kind not in masks:  # one mask per kind, keys x queries
+            spec_mask = MaskSpec(cfg, spec.kind, q_idx, k_idx, key_ok[:, k_idx], block[:, start:start + T],
+                                 block[:, k_idx])
+            masks[spec.kind] = np.ascontiguousarray(spec_mask.dense()[0].T)
+        o = cpu.matmul_t(a.o_proj.weight, attention_t(qT, k_all[0], v_all[0], masks[spec.kind]))
+        if cfg.attention_bias:
+            o += to_f32(a.o_proj.bias)[:, None]
+        residual_t(xT, o, _weight(p.post_attention_layernorm.weight), eps, np.float32(1.0),  # 3
+                   _weight(p.pre_feedforward_layernorm.weight), h)
+        g, u = cpu.matmul_t(p.mlp.gate_proj.weight, h), cpu.matmul_t(p.mlp.up_proj.weight, h)  # 4
+        cpu.gelu_tanh_mul(g, u)
+        last = i + 1 == len(cfg.layers)
+        after = params.norm.weight if last else params.layers[i + 1].input_layernorm.weight
+        residual_t(xT, cpu.matmul_t(p.mlp.down_proj.weight, g), _weight(p.post_feedforward_layernorm.weight),
+                   eps, np.float32(to_f32(p.layer_scalar).reshape(())), _weight(after), h)  # 4, 5, next 1
+    return cpu.transpose(h)[None]
+
+
+def compile_prefill() -> None:
+    """Compile the kernels above (or load them from Numba's cache) with the types a model passes, on tiny
+    arrays: norm weights as read-only bf16 bits (a checkpoint's) or float32 (ones, or a float checkpoint's)."""
+    x, eps = np.ones((4, 3), np.float32), np.float32(1e-6)
+    bits = np.full(4, 0x3F80, np.uint16)
+    bits.flags.writeable = False
+    for w in (bits, np.ones(4, np.float32)):
+        norm_t(x, w, eps, np.empty_like(x))
+        head_norm_rope_t(x, w, 4, x, x, eps, True, np.empty_like(x))
+        residual_t(x.copy(), x, w, eps, np.float32(1.0), w, np.empty_like(x))
+    softmax_t(np.ones((1, 2, 3), np.float32), np.ones((2, 3), np.bool_), 0, 0, np.full((1, 3), NEG_INF),
+              np.zeros((1, 3), np.float32), np.empty((1, 3), np.float32))
