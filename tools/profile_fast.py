@@ -4,8 +4,8 @@ Each function of fast/cpu.py that a forward pass calls (the kernels' Python wrap
 kernels) is timed by its own time: its time less that of the timed functions it calls, so the rows add
 up. The `rest` row is what no timer covers: ref's layer code (residual adds, scaling, masks, the cache's
 bookkeeping), the embedding and the token's selection. A timer costs about a microsecond per call, which
-lands in the row it wraps (a decoded token makes ~200 calls). The README's "Where the time goes" comes
-from this tool.
+lands in the row it wraps (a decoded token makes ~200 calls). The figures in fast/PERFORMANCE.md's "Where the time
+goes" come from this tool.
 
 A prompt runs token-minor (fast/prefill.py: its functions' rows); `--prefill-layer-code` runs it through
 ref's layer code with fast's kernels instead. A decoding step runs compiled whole (fast/step.py): its
