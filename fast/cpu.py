@@ -445,18 +445,22 @@ def _rms_norm(x, w, eps, out):
 _ONES: dict[int, np.ndarray] = {}
 
 
+def norm_weight(w, n: int) -> np.ndarray:
+    """A norm's weight [n] as the compiled norms read it (`as_f32`): a bf16 tensor's bits, a float tensor
+    as float32, or None (no scale) as ones, kept per size."""
+    if w is None:
+        if n not in _ONES:
+            _ONES[n] = np.ones(n, np.float32)
+        return _ONES[n]
+    return w.bits if isinstance(w, Bf16) else to_f32(w)
+
+
 def rms_norm(x: np.ndarray, w=None, eps: float = 1e-6) -> np.ndarray:
     """[..., N] -> [..., N], as ref.layers.rms_norm."""
     N = x.shape[-1]
-    if w is None:
-        wf = _ONES.get(N)
-        if wf is None:
-            wf = _ONES[N] = np.ones(N, np.float32)
-    else:
-        wf = w.bits if isinstance(w, Bf16) else to_f32(w)
     x2 = np.ascontiguousarray(x.reshape(-1, N), np.float32)
     out = np.empty_like(x2)
-    _rms_norm(x2, wf, np.float32(eps), out)
+    _rms_norm(x2, norm_weight(w, N), np.float32(eps), out)
     return out.reshape(x.shape)
 
 

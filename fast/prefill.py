@@ -26,7 +26,7 @@ import numpy as np
 
 from ref.layers import rope_cos_sin, rope_inv_freq
 from ref.masks import MaskSpec
-from ref.safetensors_io import Bf16, to_f32
+from ref.safetensors_io import to_f32
 
 from . import cpu
 from .cpu import FM, as_f32, exp32
@@ -196,15 +196,6 @@ def usable(x: np.ndarray, trace) -> bool:
     return trace is None and x.shape[0] == 1 and cpu.GEMV_MAX_M < x.shape[1] <= cpu.TOKEN_MINOR_MAX_M
 
 
-def _weight(w):
-    """A norm weight as the kernels read it: bf16 bits, or float32."""
-    return w.bits if isinstance(w, Bf16) else to_f32(w)
-
-
-def _ones(n: int) -> np.ndarray:
-    return np.ones(n, np.float32)
-
-
 def forward(x: np.ndarray, params, cfg, positions: np.ndarray, key_ok: np.ndarray, block: np.ndarray,
             cache=None) -> np.ndarray:
     """ref.decoder.decoder_forward for one sequence (see `usable`), token-minor: inputs_embeds [1, T, D],
@@ -219,7 +210,7 @@ def forward(x: np.ndarray, params, cfg, positions: np.ndarray, key_ok: np.ndarra
     q_idx = start + np.arange(T)
     xT = cpu.transpose(x[0])  # [D, T], the residual stream from here on
     h = np.empty_like(xT)
-    norm_t(xT, _weight(params.layers[0].input_layernorm.weight), eps, h)  # 1
+    norm_t(xT, cpu.norm_weight(params.layers[0].input_layernorm.weight, D), eps, h)  # 1
     rope_tables, masks, kv = {}, {}, {}
     for i, spec in enumerate(cfg.layers):
         p, a = params.layers[i], params.layers[i].self_attn
@@ -235,31 +226,30 @@ def forward(x: np.ndarray, params, cfg, positions: np.ndarray, key_ok: np.ndarra
         if cfg.attention_bias:
             proj = [y + to_f32(a[n].bias)[:, None] for y, n in zip(proj, names)]
         qT = np.empty_like(proj[0])
-        head_norm_rope_t(proj[0], _weight(a.q_norm.weight), Dh, cosT, sinT, eps, True, qT)
+        head_norm_rope_t(proj[0], cpu.norm_weight(a.q_norm.weight, Dh), Dh, cosT, sinT, eps, True, qT)
         if shared:
             kv[i] = kv[spec.kv_source]
         else:  # k_eq_v: v is k's projection, taken before k_norm and RoPE
             kT, vT = np.empty_like(proj[1]), np.empty_like(proj[-1])
-            head_norm_rope_t(proj[1], _weight(a.k_norm.weight), Dh, cosT, sinT, eps, True, kT)
-            head_norm_rope_t(proj[-1], _ones(Dh), Dh, cosT, sinT, eps, False, vT)
+            head_norm_rope_t(proj[1], cpu.norm_weight(a.k_norm.weight, Dh), Dh, cosT, sinT, eps, True, kT)
+            head_norm_rope_t(proj[-1], cpu.norm_weight(None, Dh), Dh, cosT, sinT, eps, False, vT)
             k, v = (cpu.transpose(y).reshape(1, T, -1, Dh) for y in (kT, vT))  # token-major, as the cache holds
             kv[i] = (k, v, q_idx) if cache is None else cache.extend(i, k, v, q_idx, spec.kind, cfg.window)
         k_all, v_all, k_idx = kv[i]
         if spec.kind not in masks:  # one mask per kind, keys x queries
-            spec_mask = MaskSpec(cfg, spec.kind, q_idx, k_idx, key_ok[:, k_idx], block[:, start:start + T],
-                                 block[:, k_idx])
+            spec_mask = MaskSpec.from_seen(cfg, spec.kind, q_idx, k_idx, key_ok, block)
             masks[spec.kind] = np.ascontiguousarray(spec_mask.dense()[0].T)
         o = cpu.matmul_t(a.o_proj.weight, attention_t(qT, k_all[0], v_all[0], masks[spec.kind]))
         if cfg.attention_bias:
             o += to_f32(a.o_proj.bias)[:, None]
-        residual_t(xT, o, _weight(p.post_attention_layernorm.weight), eps, np.float32(1.0),  # 3
-                   _weight(p.pre_feedforward_layernorm.weight), h)
+        residual_t(xT, o, cpu.norm_weight(p.post_attention_layernorm.weight, D), eps, np.float32(1.0),  # 3
+                   cpu.norm_weight(p.pre_feedforward_layernorm.weight, D), h)
         g, u = cpu.matmul_t(p.mlp.gate_proj.weight, h), cpu.matmul_t(p.mlp.up_proj.weight, h)  # 4
         cpu.gelu_tanh_mul(g, u)
         last = i + 1 == len(cfg.layers)
         after = params.norm.weight if last else params.layers[i + 1].input_layernorm.weight
-        residual_t(xT, cpu.matmul_t(p.mlp.down_proj.weight, g), _weight(p.post_feedforward_layernorm.weight),
-                   eps, np.float32(to_f32(p.layer_scalar).reshape(())), _weight(after), h)  # 4, 5, next 1
+        residual_t(xT, cpu.matmul_t(p.mlp.down_proj.weight, g), cpu.norm_weight(p.post_feedforward_layernorm.weight, D),
+                   eps, np.float32(to_f32(p.layer_scalar).reshape(())), cpu.norm_weight(after, D), h)  # 4, 5, next 1
     return cpu.transpose(h)[None]
 
 

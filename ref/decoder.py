@@ -157,8 +157,7 @@ def decoder_forward(x: np.ndarray, params, cfg: Config, positions: np.ndarray, k
             kv[i] = (k, v, q_idx) if cache is None else cache.extend(i, k, v, q_idx, spec.kind, cfg.window)
         k_all, v_all, k_idx = kv[i]
         if spec.kind not in masks:  # every layer of a kind keeps the same keys, so one mask per kind
-            masks[spec.kind] = MaskSpec(cfg, spec.kind, q_idx, k_idx, key_ok[:, k_idx], block[:, start:start + T],
-                                        block[:, k_idx])
+            masks[spec.kind] = MaskSpec.from_seen(cfg, spec.kind, q_idx, k_idx, key_ok, block)
             if trace is not None:
                 emit(f"mask.{'full' if spec.kind == FULL else 'sliding'}", masks[spec.kind].dense())
         x = decoder_layer(x, p, cfg, q, (k_all, v_all), masks[spec.kind], kern)

@@ -63,6 +63,13 @@ class MaskSpec:
     q_block: np.ndarray  # [B, T] vision block id, -1 outside blocks
     k_block: np.ndarray  # [B, S]
 
+    @classmethod
+    def from_seen(cls, cfg: Config, kind: str, q_idx: np.ndarray, k_idx: np.ndarray, key_ok: np.ndarray,
+             block: np.ndarray) -> "MaskSpec":
+        """The mask of queries q_idx [T] over keys k_idx [S] (absolute indices), from the padding flags and
+        vision-block ids of every token seen so far, key_ok / block [B, seen]."""
+        return cls(cfg, kind, q_idx, k_idx, key_ok[:, k_idx], block[:, q_idx], block[:, k_idx])
+
     def dense(self) -> np.ndarray:
         """-> [B, T, S] bool, built on the first call and kept: within a forward pass every layer of a kind
         shares one MaskSpec. Shared, so callers only read it."""
