@@ -10,16 +10,21 @@ because the simulator has no libdevice. A block computes a row of the output for
 one (batch, head, query) for attention (its threads split the keys); prompts too long for its scratch
 run a thread per query.
 
-Status: written and checked under the simulator; not yet run or timed on a GPU (see README).
+On a GPU the kernels are compiled by Numba to PTX for their declared signatures (SIGNATURES) and
+launched through CuPy (`_Kernel`): Numba's own launcher spent ~200 us per call on an H200 (typing each
+CuPy argument through the driver), CuPy's a fraction of that. FAST_GPU_LAUNCH=numba keeps Numba's launcher
+(for comparison). Measured on a GPU: see fast/PERFORMANCE.md.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 
 import numpy as np
 from numba import cuda, float32, int32, uint32
+from numba import types as nt
 
 from ref.decoder import Kernels, KVCache
 from ref.layers import gelu_tanh
@@ -36,6 +41,7 @@ if SIMULATED:
 else:
     import cupy as xp
 
+LAUNCH = "numba" if SIMULATED else os.environ.get("FAST_GPU_LAUNCH", "cupy")
 THREADS = 8 if SIMULATED else 128  # threads per block (the simulator runs each as a Python thread)
 GEMV_MAX_M = 8
 UPCAST_ROWS = 4096
@@ -50,18 +56,34 @@ else:
         return cuda.libdevice.int_as_float(int32(bits))
 
 
+@cuda.jit(device=True, inline=True)
+def _dot_pair(x, m, i, word):
+    """x[m, 2i] * w[2i] + x[m, 2i + 1] * w[2i + 1] for the two bf16 of one uint32 word (little-endian:
+    the low half is the first)."""
+    return x[m, 2 * i] * as_f32(word << uint32(16)) + x[m, 2 * i + 1] * as_f32(word & uint32(0xFFFF0000))
+
+
 @cuda.jit
 def _gemv_bf16(x, w, out):
-    """x [M, In] f32, w [Out, In] uint16, out [M, Out]. Block = one output row; threads stride over In,
-    then a shared-memory tree sum. M <= GEMV_MAX_M."""
+    """x [M, In] f32, w [Out, In / 2] uint32 (the bf16 weights, two per word), out [M, Out]. Block = one
+    output row; threads stride over the words, four loads in flight each, then a shared-memory tree sum.
+    M <= GEMV_MAX_M."""
     o = cuda.blockIdx.x
     tid = cuda.threadIdx.x
-    M, In = x.shape
+    M = x.shape[0]
+    P = w.shape[1]
     part = cuda.shared.array((GEMV_MAX_M, THREADS), float32)
     for m in range(M):
         acc = float32(0.0)
-        for i in range(tid, In, THREADS):
-            acc += x[m, i] * as_f32(uint32(w[o, i]) << uint32(16))
+        i = tid
+        while i + 3 * THREADS < P:
+            w0, w1, w2, w3 = w[o, i], w[o, i + THREADS], w[o, i + 2 * THREADS], w[o, i + 3 * THREADS]
+            acc += (_dot_pair(x, m, i, w0) + _dot_pair(x, m, i + THREADS, w1)) + \
+                (_dot_pair(x, m, i + 2 * THREADS, w2) + _dot_pair(x, m, i + 3 * THREADS, w3))
+            i += 4 * THREADS
+        while i < P:
+            acc += _dot_pair(x, m, i, w[o, i])
+            i += THREADS
         part[m, tid] = acc
     cuda.syncthreads()
     step = THREADS // 2
@@ -170,6 +192,93 @@ def _block_attention(q, k, v, mask, scratch, out):
             out[b, t, h, i] = acc / total
 
 
+# ---- launching --------------------------------------------------------------------------------------
+
+def _arr(dtype, ndim):
+    return nt.Array(dtype, ndim, "C")
+
+
+_f32 = nt.float32
+# The argument types each kernel is launched with (C-contiguous arrays): what it is compiled for on a GPU,
+# and for sm_90 without one by tests/gpu_ptx_check.py.
+SIGNATURES = {
+    "_gemv_bf16": (_arr(_f32, 2), _arr(nt.uint32, 2), _arr(_f32, 2)),
+    "_rms_norm": (_arr(_f32, 2), _arr(_f32, 1), _f32, _arr(_f32, 2)),
+    "_attention": (_arr(_f32, 4), _arr(_f32, 4), _arr(_f32, 4), _arr(nt.int64, 1), _arr(nt.int64, 1),
+                   _arr(nt.boolean, 2), _arr(nt.int64, 2), _arr(nt.int64, 2), nt.int64, nt.int64, _arr(_f32, 4)),
+    "_block_attention": (_arr(_f32, 4), _arr(_f32, 4), _arr(_f32, 4), _arr(nt.boolean, 3), _arr(_f32, 2),
+                         _arr(_f32, 4)),
+}
+
+
+def _pointer(a) -> int:
+    return a.data.ptr if hasattr(a.data, "ptr") else a.ctypes.data
+
+
+def kernel_args(signature, args) -> list:
+    """A kernel's arguments -> the flat parameter list of its Numba-compiled PTX, as NumPy scalars (Numba's
+    kernel ABI: an array is meminfo, parent, size, itemsize, data pointer, then its shape and its strides in
+    bytes, every one 64 bits; a scalar is passed as its own type)."""
+    flat = []
+    for ty, a in zip(signature, args, strict=True):
+        if isinstance(ty, nt.Array):
+            want = np.dtype(str(ty.dtype))
+            if a.ndim != ty.ndim or a.dtype != want or not a.flags.c_contiguous:
+                raise TypeError(f"kernel argument {a.dtype}{list(a.shape)} is not a C-contiguous {ty}")
+            flat += [np.uint64(0), np.uint64(0), np.int64(a.size), np.int64(a.itemsize), np.uint64(_pointer(a))]
+            flat += [np.int64(n) for n in a.shape] + [np.int64(n) for n in a.strides]
+        else:
+            flat.append(np.dtype(str(ty)).type(a))
+    return flat
+
+
+class _Kernel:
+    """`kernel[grid, block](*args)` as with a Numba CUDA kernel. On a GPU the kernel is compiled by Numba
+    to PTX for its SIGNATURES entry at the first call, loaded by CuPy and launched by CuPy with the
+    arguments laid out as Numba's ABI lays them (kernel_args); under the simulator, or with
+    FAST_GPU_LAUNCH=numba, Numba launches it."""
+
+    def __init__(self, dispatcher):
+        self.numba = dispatcher
+        self.signature = SIGNATURES[dispatcher.py_func.__name__]
+        self._function = None
+
+    def __getitem__(self, config):
+        if LAUNCH == "numba":
+            return self.numba[config]
+        grid, block = config
+        return lambda *args: self.function()((grid,), (block,), tuple(kernel_args(self.signature, args)))
+
+    def function(self):
+        if self._function is None:
+            ptx, _ = cuda.compile_ptx_for_current_device(self.numba.py_func, self.signature)
+            self._module = xp.cuda.function.Module()
+            self._module.load(ptx.encode() + b"\0")
+            self._function = self._module.get_function(re.search(r"\.entry\s+([^\s(]+)", ptx).group(1))
+        return self._function
+
+
+gemv_bf16, rms_norm_kernel, query_attention_kernel, block_attention_kernel = (
+    _Kernel(k) for k in (_gemv_bf16, _rms_norm, _attention, _block_attention))
+
+
+_UPLOADS: dict = {}
+
+
+def _upload(a):
+    """A host array -> a device copy, kept while that same host object is passed again (the rope tables and
+    masks ref's decoder makes once per forward and hands to every layer): one upload per forward, not
+    per layer. Only for arrays nobody writes to after making them. Device arrays pass through."""
+    if hasattr(a, "__cuda_array_interface__"):
+        return a
+    hit = _UPLOADS.get(id(a))
+    if hit is None or hit[0] is not a:
+        if len(_UPLOADS) >= 16:
+            _UPLOADS.clear()
+        hit = _UPLOADS[id(a)] = (a, _dev(a))
+    return hit[1]
+
+
 # ---- the Kernels bundle -------------------------------------------------------------------------
 
 def _dev(a, dtype=None):
@@ -183,8 +292,8 @@ def matmul(x2, w):
         return x2 @ w.astype(xp.float32).T
     Out, In = w.bits.shape
     out = xp.empty((M, Out), xp.float32)
-    if M <= GEMV_MAX_M:
-        _gemv_bf16[Out, THREADS](x2, w.bits, out)
+    if M <= GEMV_MAX_M and In % 2 == 0:
+        gemv_bf16[Out, THREADS](x2, w.bits.view(xp.uint32), out)
         return out
     for lo in range(0, Out, UPCAST_ROWS):
         block = (w.bits[lo:lo + UPCAST_ROWS].astype(xp.uint32) << 16).view(xp.float32)
@@ -202,12 +311,12 @@ def rms_norm(x, w=None, eps: float = 1e-6):
     x2 = _dev(x.reshape(-1, N), xp.float32)
     wf = xp.ones(N, xp.float32) if w is None else _dev(to_f32(w))
     out = xp.empty_like(x2)
-    _rms_norm[x2.shape[0], THREADS](x2, wf, np.float32(eps), out)
+    rms_norm_kernel[x2.shape[0], THREADS](x2, wf, np.float32(eps), out)
     return out.reshape(x.shape)
 
 
 def apply_rope(x, cos, sin):
-    cos, sin = _dev(cos), _dev(sin)
+    cos, sin = _upload(cos), _upload(sin)
     half = x.shape[-1] // 2
     rotated = xp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
@@ -217,7 +326,7 @@ def query_attention(q, k, v, spec):
     """One thread per (b, h, t) query over every key: prompts too long for block_attention's scratch."""
     out = xp.empty(q.shape, xp.float32)
     n = q.shape[0] * q.shape[1] * q.shape[2]
-    _attention[(n + THREADS - 1) // THREADS, THREADS](
+    query_attention_kernel[(n + THREADS - 1) // THREADS, THREADS](
         _dev(q), _dev(k), _dev(v), _dev(spec.q_idx, xp.int64), _dev(spec.k_idx, xp.int64),
         _dev(spec.key_ok, xp.bool_), _dev(spec.q_block, xp.int64), _dev(spec.k_block, xp.int64),
         mode_of(spec.cfg, spec.kind), spec.cfg.window, out)
@@ -230,7 +339,7 @@ def block_attention(q, k, v, spec):
     B, T, H, _ = q.shape
     out = xp.empty(q.shape, xp.float32)
     scratch = xp.empty((B * H * T, k.shape[1]), xp.float32)
-    _block_attention[B * H * T, THREADS](_dev(q), _dev(k), _dev(v), _dev(spec.dense(), xp.bool_), scratch, out)
+    block_attention_kernel[B * H * T, THREADS](_dev(q), _dev(k), _dev(v), _upload(spec.dense()), scratch, out)
     return out
 
 

@@ -5,11 +5,12 @@ tests/test_fast_gpu.py in a subprocess, with CUDA_HOME where libNVVM is. Prints 
 
 from __future__ import annotations
 
+import re
 import sys
 import types
 
+import numpy as np
 from numba import cuda
-from numba import types as nt
 
 CC = (9, 0)
 
@@ -26,19 +27,25 @@ dispatcher.get_current_device = lambda: types.SimpleNamespace(compute_capability
 from fast import gpu  # noqa: E402
 
 
-def arr(dtype, ndim):
-    return nt.Array(dtype, ndim, "C")
+SIGNATURES = gpu.SIGNATURES
+PARAM_BYTES = {"u64": 8, "s64": 8, "b64": 8, "f32": 4, "u32": 4, "s32": 4, "b32": 4, "u8": 1, "s8": 1, "b8": 1}
 
 
-f32 = nt.float32
-# The argument types fast/gpu.py's wrappers pass (matmul, rms_norm, query_attention, block_attention).
-SIGNATURES = {
-    "_gemv_bf16": (arr(f32, 2), arr(nt.uint16, 2), arr(f32, 2)),
-    "_rms_norm": (arr(f32, 2), arr(f32, 1), f32, arr(f32, 2)),
-    "_attention": (arr(f32, 4), arr(f32, 4), arr(f32, 4), arr(nt.int64, 1), arr(nt.int64, 1), arr(nt.boolean, 2),
-                   arr(nt.int64, 2), arr(nt.int64, 2), nt.int64, nt.int64, arr(f32, 4)),
-    "_block_attention": (arr(f32, 4), arr(f32, 4), arr(f32, 4), arr(nt.boolean, 3), arr(f32, 2), arr(f32, 4)),
-}
+def example(ty):
+    """A host value of a signature's type: arrays of shape (2, 3, ...) (any data; only the layout counts)."""
+    if hasattr(ty, "ndim"):
+        return np.zeros(tuple(range(2, 2 + ty.ndim)), np.dtype(str(ty.dtype)))
+    return np.dtype(str(ty)).type(1)
+
+
+def check_abi(name, ptx):
+    """The parameters fast.gpu.kernel_args lays out for this kernel = the PTX entry's, one by one in size."""
+    entry = re.search(r"\.entry\s+[^\s(]+\(([^)]*)\)", ptx)
+    want = [PARAM_BYTES[p.split()[1].lstrip(".")] for p in entry.group(1).split(",")]
+    got = [np.asarray(a).itemsize for a in gpu.kernel_args(SIGNATURES[name], [example(t) for t in SIGNATURES[name]])]
+    if got != want:
+        raise AssertionError(f"kernel_args gives {len(got)} parameters {got}, the PTX takes {len(want)} {want}")
+
 
 kernels = sorted(name for name, obj in vars(gpu).items()
                  if isinstance(obj, dispatcher.CUDADispatcher) and not obj.targetoptions.get("device"))
@@ -48,7 +55,8 @@ failed = 0
 for name in kernels:
     try:
         ptx, _ = cuda.compile_ptx(getattr(gpu, name).py_func, SIGNATURES[name], cc=CC)
-        print(f"ok {name}: {len(ptx)} bytes of PTX for sm_{CC[0]}{CC[1]}")
+        check_abi(name, ptx)
+        print(f"ok {name}: {len(ptx)} bytes of PTX for sm_{CC[0]}{CC[1]}, its parameters as kernel_args lays them")
     except Exception as e:  # noqa: BLE001 - report every kernel, then fail
         failed += 1
         print(f"FAILED {name}: {type(e).__name__}: {e}")

@@ -33,10 +33,12 @@ def check(name, got, want):
 
 def main() -> int:
     rng = np.random.default_rng(0)
-    for m in (1, 3, 12):
-        x = rng.normal(size=(m, 20)).astype(np.float32)
-        w = Bf16(f32_to_bf16(rng.normal(size=(6, 20)).astype(np.float32)))
-        check(f"matmul M={m}", gpu.matmul(gpu.xp.asarray(x), gpu.to_device(w)), REF.linear(x, w))
+    # the GEMV kernel (M <= 8: one word loop, and with In = 80 its four-word steps and their tail), an odd In
+    # (the cuBLAS path), and M > 8 (cuBLAS)
+    for m, n in ((1, 20), (3, 20), (2, 80), (1, 21), (12, 20)):
+        x = rng.normal(size=(m, n)).astype(np.float32)
+        w = Bf16(f32_to_bf16(rng.normal(size=(6, n)).astype(np.float32)))
+        check(f"matmul M={m} In={n}", gpu.matmul(gpu.xp.asarray(x), gpu.to_device(w)), REF.linear(x, w))
     x = rng.normal(0, 2, (5, 13)).astype(np.float32)
     w = rng.uniform(0.5, 1.5, 13).astype(np.float32)
     check("rms_norm", gpu.rms_norm(gpu.xp.asarray(x), gpu.xp.asarray(w)), REF.rms_norm(x, w))

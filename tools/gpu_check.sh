@@ -1,14 +1,26 @@
 #!/usr/bin/env bash
 # The one prepared GPU check for a session that has a device machine (see the device tool's README):
-#   run(command="bash tools/gpu_check.sh", timeout_s=540)
+#   run(command="bash tools/gpu_check.sh", timeout_s=480)
 # It uses what the 'cuda' image ships (CuPy, numba-cuda, torch, transformers) and installs nothing.
-# 1. fast/gpu.py's kernels and a whole tiny model against ref, on the device (no simulator);
-# 2. fast.bench with the GPU rows (HF CUDA bf16 eager, fast GPU), CPU rows skipped to save time.
+# 1. fast/gpu.py's kernels and a whole tiny model against ref, on the device (no simulator), launched
+#    through CuPy (the default) and through Numba's own launcher;
+# 2. fast.bench with the GPU rows (HF CUDA bf16 eager, fast GPU), CPU rows skipped to save time;
+# 3. tools/gpu_probe.py: the GEMV kernel against torch's at the bench's and the 12B model's shapes, and
+#    the time of each kernel in a decode step and a prefill.
 set -uo pipefail
-export PYTHONUNBUFFERED=1 NUMBA_ENABLE_CUDASIM=0 PYTHONPATH="$PWD:$PWD/tests"
+# That image's numba-cuda registers an overload for np.row_stack when it first compiles a kernel, and its
+# NumPy (2.5) no longer has row_stack: every kernel failed to compile (seen 2026-12-04). An alias, for
+# this image only, in a sitecustomize outside the repository.
+compat=$(mktemp -d)
+printf 'import numpy\nif not hasattr(numpy, "row_stack"):\n    numpy.row_stack = numpy.vstack\n' > "$compat/sitecustomize.py"
+export PYTHONUNBUFFERED=1 NUMBA_ENABLE_CUDASIM=0 PYTHONPATH="$PWD:$PWD/tests:$compat"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-python3 -c "import cupy, numba, torch, transformers; print('cupy', cupy.__version__, 'numba', numba.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
-echo "== kernels and model on the device"
-timeout 240 python3 tests/gpu_sim_check.py 2>&1 | tee "${OUT:-/tmp}/gpu_check.txt"
+python3 -c "from importlib.metadata import version as v; print(*(f'{n} {v(n)}' for n in ('cupy-cuda13x', 'numba', 'numba-cuda', 'numpy', 'torch', 'transformers')))"
+for launch in cupy numba; do
+  echo "== kernels and model on the device, $launch launches"
+  FAST_GPU_LAUNCH=$launch timeout 100 python3 tests/gpu_sim_check.py 2>&1 | grep -v -i "warn" | tee "${OUT:-/tmp}/gpu_check_$launch.txt"
+done
 echo "== benchmark"
-timeout 280 python3 -m fast.bench --skip hf-f32,hf-bf16,ref,fast --repeats 3 --json "${OUT:-/tmp}/bench_gpu.json" 2>&1 | tee "${OUT:-/tmp}/bench_gpu.txt"
+timeout 150 python3 -m fast.bench --skip hf-f32,hf-bf16,ref,fast --repeats 3 --json "${OUT:-/tmp}/bench_gpu.json" 2>&1 | grep -v -i "warn" | tee "${OUT:-/tmp}/bench_gpu.txt"
+echo "== probe"
+timeout 120 python3 tools/gpu_probe.py 2>&1 | grep -v -i "warn" | tee "${OUT:-/tmp}/probe_gpu.txt"

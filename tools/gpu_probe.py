@@ -1,0 +1,131 @@
+"""Where fast's GPU time goes, for a session with a device machine (run by tools/gpu_check.sh after the
+benchmark). Not a benchmark of record: each part prints what it measured and against which peer.
+
+1. The decode GEMV kernel alone, at the bench's and the 12B model's matrix shapes: GB/s of bf16 weights
+   read, next to torch's bf16 GEMV (what HF runs) and the card's read bandwidth measured here.
+2. One bench-model decode step and one 512-token prefill, every Kernels call timed with a device
+   synchronisation on each side (so the sum runs above an unsynchronised step): time per kernel, and
+   what is left for the host (masks, cache concatenation, Python).
+
+usage: python3 tools/gpu_probe.py [--layers 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import cupy as cp
+import numpy as np
+
+import fast
+from fast import gpu
+from fast.bench import bench_config, bench_prompt, gpu_read_bandwidth, write_bench_checkpoint
+from ref.decoder import Kernels
+
+
+def device_seconds(f, repeats: int = 20) -> float:
+    """Median seconds of f() on the device, between CUDA events, after two warm-up calls."""
+    f(), f()
+    times = []
+    for _ in range(repeats):
+        a, b = cp.cuda.Event(), cp.cuda.Event()
+        a.record()
+        f()
+        b.record()
+        b.synchronize()
+        times.append(cp.cuda.get_elapsed_time(a, b) / 1e3)
+    return float(np.median(times))
+
+
+def gemv_part(bw: float) -> None:
+    import torch
+
+    print(f"== GEMV [1, In] x [Out, In]^T, bf16 weights (card read bandwidth {bw:.0f} GB/s, torch sum)")
+    rng = np.random.default_rng(0)
+    for out_f, in_f, what in ((4096, 1024, "bench gate/up"), (1024, 4096, "bench down"),
+                              (32768, 1024, "bench head"), (4096, 3840, "12B q"), (15360, 3840, "12B gate/up"),
+                              (3840, 15360, "12B down"), (262144, 3840, "12B head")):
+        bits = (cp.random.random((out_f, in_f), dtype=cp.float32) * 0x380 + 0x3C00).astype(cp.uint16)  # 1..2^15
+        x = cp.asarray(rng.normal(size=(1, in_f)).astype(np.float32))
+        out = cp.empty((1, out_f), cp.float32)
+        words = bits.view(cp.uint32)
+        ours = device_seconds(lambda: gpu.gemv_bf16[out_f, gpu.THREADS](x, words, out))
+        numba_launch = device_seconds(lambda: gpu.gemv_bf16.numba[out_f, gpu.THREADS](x, words, out))
+        wt = torch.as_tensor(bits.view(cp.int16), device="cuda").view(torch.bfloat16)
+        xt = torch.as_tensor(x, device="cuda").to(torch.bfloat16)
+        theirs = device_seconds(lambda: torch.nn.functional.linear(xt, wt))
+        nbytes = out_f * in_f * 2
+        print(f"{what:14} [{out_f:6}, {in_f:5}]  ours {ours * 1e6:7.1f} us {nbytes / ours / 1e9:5.0f} GB/s "
+              f"{nbytes / ours / 1e9 / bw:4.0%} (Numba's launcher {numba_launch * 1e6:7.1f} us)   "
+              f"torch bf16 {theirs * 1e6:7.1f} us {nbytes / theirs / 1e9:5.0f} GB/s")
+
+
+def timed_kernels(log: dict) -> Kernels:
+    """gpu.KERNELS with every call timed between two device synchronisations: log[name] gets (end, seconds)."""
+    def wrap(name, f):
+        def call(*args, **kwargs):
+            cp.cuda.Device().synchronize()
+            t = time.perf_counter()
+            y = f(*args, **kwargs)
+            cp.cuda.Device().synchronize()
+            end = time.perf_counter()
+            log[name].append((end, end - t))
+            return y
+        return call
+    k = gpu.KERNELS
+    return Kernels(**{n: wrap(n, getattr(k, n)) for n in
+                      ("linear", "linears", "rms_norm", "apply_rope", "attention", "mlp", "lm_head")})
+
+
+def step_part(layers: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_bench_checkpoint(Path(tmp), bench_config(layers))
+        model = fast.load_model(path, device="gpu")
+        model.compile()
+        ids = bench_prompt(512)
+        for launch in ("numba", "cupy"):  # the same kernels through Numba's launcher, then CuPy's (the default)
+            gpu.LAUNCH = launch
+            model.generate(ids, max_new_tokens=2)
+            stamps: list[float] = []
+            t0 = time.perf_counter()
+            model.generate(ids, max_new_tokens=17, on_token=lambda _: stamps.append(time.perf_counter()))
+            print(f"== bench model ({layers} layers), {launch} launches: prefill {(stamps[0] - t0) * 1e3:.2f} ms, "
+                  f"decode {float(np.median(np.diff(stamps))) * 1e3:.2f} ms/token unsynchronised (median of 16 gaps)")
+        log: dict = defaultdict(list)
+        model.kernels = timed_kernels(log)
+        t0 = time.perf_counter()
+        stamps = []
+        model.generate(ids, max_new_tokens=9, on_token=lambda _: stamps.append(time.perf_counter()))
+        for phase, lo, hi, n in (("prefill (512 tokens)", t0, stamps[0], 1), ("decode, per token", stamps[0],
+                                                                                stamps[-1], len(stamps) - 1)):
+            wall = hi - lo
+            print(f"-- {phase}: {wall * 1e3 / n:.2f} ms with a sync around each kernel call")
+            total = 0.0
+            for name, times in log.items():
+                part = [d for e, d in times if lo <= e <= hi]
+                if part:
+                    total += sum(part)
+                    print(f"   {name:10} {len(part) // n:4} calls {sum(part) * 1e3 / n:8.2f} ms")
+            print(f"   {'between':10} {'':4}       {(wall - total) * 1e3 / n:8.2f} ms (host: masks, cache, Python)")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="tools/gpu_probe.py")
+    ap.add_argument("--layers", type=int, default=8)
+    args = ap.parse_args(argv)
+    bw = gpu_read_bandwidth()
+    for part in (lambda: gemv_part(bw), lambda: step_part(args.layers)):
+        try:
+            part()
+        except Exception as e:  # one failing part must not hide the others' figures
+            print(f"!! {type(e).__name__}: {e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
