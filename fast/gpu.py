@@ -27,7 +27,7 @@ from numba import cuda, float32, int32, uint32
 from numba import types as nt
 
 from ref.decoder import Kernels, KVCache
-from ref.layers import gelu_tanh
+from ref.layers import attention as dense_masked_attention
 from ref.safetensors_io import Bf16, to_f32
 
 from .maskrule import attend_query, mode_of
@@ -147,6 +147,23 @@ def _attention(q, k, v, q_idx, k_idx, key_ok, q_block, k_block, mode, window, ou
     _attend_query(q, k, v, q_idx, k_idx, key_ok, q_block, k_block, mode, window, pid, row)
 
 
+@cuda.jit(device=True, inline=True)
+def _dot4(a, b, n):
+    """sum(a[:n] * b[:n]) of two 1-D float32 rows, four running sums (four loads in flight)."""
+    a0, a1, a2, a3 = float32(0.0), float32(0.0), float32(0.0), float32(0.0)
+    i = 0
+    while i + 3 < n:
+        a0 += a[i] * b[i]
+        a1 += a[i + 1] * b[i + 1]
+        a2 += a[i + 2] * b[i + 2]
+        a3 += a[i + 3] * b[i + 3]
+        i += 4
+    while i < n:
+        a0 += a[i] * b[i]
+        i += 1
+    return (a0 + a1) + (a2 + a3)
+
+
 @cuda.jit
 def _block_attention(q, k, v, mask, scratch, out):
     """Block = one (b, h, t) query; its threads split the keys. Three steps with block-wide reductions
@@ -164,9 +181,7 @@ def _block_attention(q, k, v, mask, scratch, out):
     top = float32(-math.inf)
     for s in range(tid, S, THREADS):
         if mask[b, t, s]:
-            score = float32(0.0)
-            for i in range(Dh):
-                score += q[b, t, h, i] * k[b, s, kh, i]
+            score = _dot4(q[b, t, h], k[b, s, kh], Dh)
             scratch[pid, s] = score
             top = score if score > top else top
     red[tid] = top
@@ -187,9 +202,41 @@ def _block_attention(q, k, v, mask, scratch, out):
                 acc += v[b, s, kh, i]
             out[b, t, h, i] = acc / float32(S)
         else:
-            for s in range(S):
-                acc += scratch[pid, s] * v[b, s, kh, i]
-            out[b, t, h, i] = acc / total
+            a0, a1, a2, a3 = float32(0.0), float32(0.0), float32(0.0), float32(0.0)
+            s = 0
+            while s + 3 < S:  # four keys a step: four loads in flight, not one (the loop is latency-bound)
+                a0 += scratch[pid, s] * v[b, s, kh, i]
+                a1 += scratch[pid, s + 1] * v[b, s + 1, kh, i]
+                a2 += scratch[pid, s + 2] * v[b, s + 2, kh, i]
+                a3 += scratch[pid, s + 3] * v[b, s + 3, kh, i]
+                s += 4
+            while s < S:
+                a0 += scratch[pid, s] * v[b, s, kh, i]
+                s += 1
+            out[b, t, h, i] = ((a0 + a1) + (a2 + a3)) / total
+
+
+@cuda.jit
+def _rope(x, cos, sin, out):
+    """x [R, N, Dh] (R = batch x tokens), cos/sin [R, Dh] -> out = x * cos + rotate_half(x) * sin, as
+    ref.layers.apply_rope: pairs (i, i + Dh/2), the first of each pair rotated by -x[i + Dh/2]. Block =
+    one row r; threads stride over its N x Dh values."""
+    r = cuda.blockIdx.x
+    N, Dh = x.shape[1], x.shape[2]
+    half = Dh // 2
+    for j in range(cuda.threadIdx.x, N * Dh, cuda.blockDim.x):
+        n, i = j // Dh, j % Dh
+        partner = -x[r, n, i + half] if i < half else x[r, n, i - half]
+        out[r, n, i] = x[r, n, i] * cos[r, i] + partner * sin[r, i]
+
+
+@cuda.jit
+def _gelu_mul(g, u, out):
+    """g, u, out [n] -> out = gelu_tanh(g) * u (ref.layers.gelu_tanh's formula, float32). Grid-stride."""
+    c = float32(math.sqrt(2.0 / math.pi))
+    for j in range(cuda.grid(1), g.shape[0], cuda.gridsize(1)):
+        x = g[j]
+        out[j] = float32(0.5) * x * (float32(1.0) + math.tanh(c * (x + float32(0.044715) * x * x * x))) * u[j]
 
 
 # ---- launching --------------------------------------------------------------------------------------
@@ -208,6 +255,8 @@ SIGNATURES = {
                    _arr(nt.boolean, 2), _arr(nt.int64, 2), _arr(nt.int64, 2), nt.int64, nt.int64, _arr(_f32, 4)),
     "_block_attention": (_arr(_f32, 4), _arr(_f32, 4), _arr(_f32, 4), _arr(nt.boolean, 3), _arr(_f32, 2),
                          _arr(_f32, 4)),
+    "_rope": (_arr(_f32, 3), _arr(_f32, 2), _arr(_f32, 2), _arr(_f32, 3)),
+    "_gelu_mul": (_arr(_f32, 1), _arr(_f32, 1), _arr(_f32, 1)),
 }
 
 
@@ -258,8 +307,8 @@ class _Kernel:
         return self._function
 
 
-gemv_bf16, rms_norm_kernel, query_attention_kernel, block_attention_kernel = (
-    _Kernel(k) for k in (_gemv_bf16, _rms_norm, _attention, _block_attention))
+gemv_bf16, rms_norm_kernel, query_attention_kernel, block_attention_kernel, rope_kernel, gelu_mul_kernel = (
+    _Kernel(k) for k in (_gemv_bf16, _rms_norm, _attention, _block_attention, _rope, _gelu_mul))
 
 
 _UPLOADS: dict = {}
@@ -316,10 +365,12 @@ def rms_norm(x, w=None, eps: float = 1e-6):
 
 
 def apply_rope(x, cos, sin):
-    cos, sin = _upload(cos), _upload(sin)
-    half = x.shape[-1] // 2
-    rotated = xp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    B, T, N, Dh = x.shape
+    x3 = _dev(x.reshape(B * T, N, Dh), xp.float32)
+    cos, sin = (_upload(t).reshape(B * T, Dh) for t in (cos, sin))
+    out = xp.empty_like(x3)
+    rope_kernel[B * T, THREADS](x3, cos, sin, out)
+    return out.reshape(x.shape)
 
 
 def query_attention(q, k, v, spec):
@@ -343,16 +394,25 @@ def block_attention(q, k, v, spec):
     return out
 
 
-BLOCK_ATTENTION_MAX = 1 << 26  # scratch floats (256 MB) up to which attention runs a block per query
+BLOCK_ATTENTION_MAX = 1 << 26  # score floats (256 MB) up to which attention keeps a score tensor
+
+
+def dense_attention(q, k, v, spec):
+    """ref.layers.attention itself on device arrays (NumPy's functions dispatch to CuPy): its two
+    products batched through cuBLAS in float32, the mask uploaded once per forward. Its score tensor takes
+    B x H x T x S floats."""
+    return dense_masked_attention(q, k, v, _upload(spec.dense()))
 
 
 def attention(q, k, v, spec):
-    """q [B, T, H, Dh], k/v [B, S, K, Dh], MaskSpec -> [B, T, H, Dh]: a block per query (decode, and
-    prompts whose scores fit the scratch), else a thread per query (long prompts)."""
+    """q [B, T, H, Dh], k/v [B, S, K, Dh], MaskSpec -> [B, T, H, Dh]. One token per sequence (decode): a
+    block per query, one launch. A prompt whose scores fit BLOCK_ATTENTION_MAX: ref's attention through
+    cuBLAS (on an H200, 512 tokens: the block kernel took ~1.4 ms a layer, its loops latency-bound).
+    Longer prompts: a thread per query, no score tensor."""
     B, T, H, _ = q.shape
-    if B * H * T * k.shape[1] <= BLOCK_ATTENTION_MAX:
-        return block_attention(q, k, v, spec)
-    return query_attention(q, k, v, spec)
+    if B * H * T * k.shape[1] > BLOCK_ATTENTION_MAX:
+        return query_attention(q, k, v, spec)
+    return block_attention(q, k, v, spec) if T == 1 else dense_attention(q, k, v, spec)
 
 
 def linears(x, ws, bs):
@@ -362,7 +422,9 @@ def linears(x, ws, bs):
 
 def mlp(h, p):
     h2 = _dev(h.reshape(-1, h.shape[-1]), xp.float32)
-    g = gelu_tanh(matmul(h2, p.gate_proj.weight)) * matmul(h2, p.up_proj.weight)
+    g, u = matmul(h2, p.gate_proj.weight), matmul(h2, p.up_proj.weight)
+    n = g.size
+    gelu_mul_kernel[min((n + THREADS - 1) // THREADS, 4096), THREADS](g.reshape(-1), u.reshape(-1), g.reshape(-1))
     return matmul(g, p.down_proj.weight).reshape(h.shape)
 
 

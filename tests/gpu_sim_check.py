@@ -12,11 +12,13 @@ import fast
 import ref
 from fast import gpu
 from helpers import multimodal_prompt, synthetic_patches
-from ref.config import FULL, SLIDING, from_hf_dict, tiny_hf_dict
+from ref.config import FULL, SLIDING, Rope, from_hf_dict, tiny_hf_dict
 from ref.decoder import REF
+from ref.layers import rope_cos_sin, rope_inv_freq
 from ref.masks import MaskSpec
 from ref.safetensors_io import Bf16, f32_to_bf16
 from ref.tiny import random_tensors, write_checkpoint
+from ref.weights import Params
 
 TOL = 1e-5
 
@@ -43,6 +45,14 @@ def main() -> int:
     w = rng.uniform(0.5, 1.5, 13).astype(np.float32)
     check("rms_norm", gpu.rms_norm(gpu.xp.asarray(x), gpu.xp.asarray(w)), REF.rms_norm(x, w))
     check("rms_norm no scale", gpu.rms_norm(gpu.xp.asarray(x)), REF.rms_norm(x, None))
+    x = rng.normal(size=(2, 3, 4, 10)).astype(np.float32)  # [B, T, N, Dh]
+    for fraction in (1.0, 0.25):  # partial rotary: the unrotated pairs have cos 1, sin 0
+        cos, sin = rope_cos_sin(rng.integers(0, 50, (2, 3)), rope_inv_freq(Rope(1e4, fraction), 10))
+        check(f"apply_rope {fraction}", gpu.apply_rope(gpu.xp.asarray(x), cos, sin), REF.apply_rope(x, cos, sin))
+    h = rng.normal(size=(1, 3, 20)).astype(np.float32)
+    mlp = Params({n: Params(weight=Bf16(f32_to_bf16(rng.normal(0, 0.3, shape).astype(np.float32))))
+                  for n, shape in (("gate_proj", (12, 20)), ("up_proj", (12, 20)), ("down_proj", (20, 12)))})
+    check("mlp (gelu x up kernel)", gpu.mlp(gpu.xp.asarray(h), gpu.to_device(mlp)), REF.mlp(h, mlp))
     for bidir in ("vision", None, "all"):
         for kind in (FULL, SLIDING):
             cfg = from_hf_dict(tiny_hf_dict(sliding_window=3, use_bidirectional_attention=bidir))
@@ -57,6 +67,7 @@ def main() -> int:
             want = REF.attention(q, k, v, spec)  # some rows see no key (padding): the mean of the values
             check(f"attention {bidir}/{kind}", gpu.block_attention(q, k, v, spec), want)
             check(f"query attention {bidir}/{kind}", gpu.query_attention(q, k, v, spec), want)
+            check(f"dense attention {bidir}/{kind}", gpu.dense_attention(*map(gpu.xp.asarray, (q, k, v)), spec), want)
 
     hf = tiny_hf_dict(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
                       num_key_value_heads=1, head_dim=8, global_head_dim=8, sliding_window=3)

@@ -28,6 +28,7 @@ def test_gpu_kernels_and_model_under_cuda_simulator():
     out = _run({"NUMBA_ENABLE_CUDASIM": "1"})
     assert "ok model forward" in out and "ok generate" in out
     assert out.count("ok attention") == 6 and out.count("ok query attention") == 6
+    assert out.count("ok dense attention") == 6 and out.count("ok apply_rope") == 2 and "ok mlp" in out
 
 
 def _cuda_home(tmp_path: Path) -> Path | None:
@@ -62,7 +63,7 @@ def test_gpu_kernels_compile_for_the_device(tmp_path):
     out = subprocess.run([sys.executable, str(HERE / "gpu_ptx_check.py")], env=env, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
-    assert out.stdout.count("ok _") == 4, out.stdout
+    assert out.stdout.count("ok _") == 6, out.stdout
 
 
 def _have_gpu() -> bool:
