@@ -44,7 +44,7 @@ else:
 LAUNCH = "numba" if SIMULATED else os.environ.get("FAST_GPU_LAUNCH", "cupy")
 THREADS = 8 if SIMULATED else 128  # threads per block (the simulator runs each as a Python thread)
 GEMV_MAX_M = 8
-UPCAST_ROWS = 4096
+UPCAST_FLOATS = 1 << 26  # float32 weights (256 MB) upcast at a time for one cuBLAS product
 
 if SIMULATED:
     @cuda.jit(device=True)
@@ -231,6 +231,13 @@ def _rope(x, cos, sin, out):
 
 
 @cuda.jit
+def _upcast(bits, out):
+    """bits [n] uint16 (bf16) -> out [n] float32, exact: the bits moved to the high half. Grid-stride."""
+    for j in range(cuda.grid(1), bits.shape[0], cuda.gridsize(1)):
+        out[j] = as_f32(uint32(bits[j]) << uint32(16))
+
+
+@cuda.jit
 def _gelu_mul(g, u, out):
     """g, u, out [n] -> out = gelu_tanh(g) * u (ref.layers.gelu_tanh's formula, float32). Grid-stride."""
     c = float32(math.sqrt(2.0 / math.pi))
@@ -257,6 +264,7 @@ SIGNATURES = {
                          _arr(_f32, 4)),
     "_rope": (_arr(_f32, 3), _arr(_f32, 2), _arr(_f32, 2), _arr(_f32, 3)),
     "_gelu_mul": (_arr(_f32, 1), _arr(_f32, 1), _arr(_f32, 1)),
+    "_upcast": (_arr(nt.uint16, 1), _arr(_f32, 1)),
 }
 
 
@@ -307,8 +315,9 @@ class _Kernel:
         return self._function
 
 
-gemv_bf16, rms_norm_kernel, query_attention_kernel, block_attention_kernel, rope_kernel, gelu_mul_kernel = (
-    _Kernel(k) for k in (_gemv_bf16, _rms_norm, _attention, _block_attention, _rope, _gelu_mul))
+(gemv_bf16, rms_norm_kernel, query_attention_kernel, block_attention_kernel, rope_kernel, gelu_mul_kernel,
+ upcast_kernel) = (_Kernel(k) for k in (_gemv_bf16, _rms_norm, _attention, _block_attention, _rope, _gelu_mul,
+                                         _upcast))
 
 
 _UPLOADS: dict = {}
@@ -340,13 +349,24 @@ def matmul(x2, w):
     if not isinstance(w, Bf16):
         return x2 @ w.astype(xp.float32).T
     Out, In = w.bits.shape
-    out = xp.empty((M, Out), xp.float32)
     if M <= GEMV_MAX_M and In % 2 == 0:
+        out = xp.empty((M, Out), xp.float32)
         gemv_bf16[Out, THREADS](x2, w.bits.view(xp.uint32), out)
         return out
-    for lo in range(0, Out, UPCAST_ROWS):
-        block = (w.bits[lo:lo + UPCAST_ROWS].astype(xp.uint32) << 16).view(xp.float32)
-        out[:, lo:lo + UPCAST_ROWS] = x2 @ block.T
+    rows = max(1, UPCAST_FLOATS // In)  # every matrix of the 12B model but its output table: one block
+    if rows >= Out:
+        return x2 @ upcast(w.bits).T  # two launches: the upcast, the product
+    out = xp.empty((M, Out), xp.float32)
+    for lo in range(0, Out, rows):
+        out[:, lo:lo + rows] = x2 @ upcast(w.bits[lo:lo + rows]).T
+    return out
+
+
+def upcast(bits):
+    """bf16 bits [R, In] uint16 (device, C-contiguous) -> float32 [R, In], exactly, in one launch."""
+    out = xp.empty(bits.shape, xp.float32)
+    n = bits.size
+    upcast_kernel[min((n + THREADS - 1) // THREADS, 8192), THREADS](bits.reshape(-1), out.reshape(-1))
     return out
 
 
@@ -355,10 +375,20 @@ def linear(x, w, b=None):
     return y if b is None else y + to_f32(b)
 
 
+_ONES: dict = {}
+
+
+def _ones(n: int):
+    """float32 ones [n] on the device, made once per n (the scale of a norm without weights)."""
+    if n not in _ONES:
+        _ONES[n] = xp.ones(n, xp.float32)
+    return _ONES[n]
+
+
 def rms_norm(x, w=None, eps: float = 1e-6):
     N = x.shape[-1]
     x2 = _dev(x.reshape(-1, N), xp.float32)
-    wf = xp.ones(N, xp.float32) if w is None else _dev(to_f32(w))
+    wf = _ones(N) if w is None else _dev(to_f32(w))
     out = xp.empty_like(x2)
     rms_norm_kernel[x2.shape[0], THREADS](x2, wf, np.float32(eps), out)
     return out.reshape(x.shape)

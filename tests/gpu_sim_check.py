@@ -41,6 +41,9 @@ def main() -> int:
         x = rng.normal(size=(m, n)).astype(np.float32)
         w = Bf16(f32_to_bf16(rng.normal(size=(6, n)).astype(np.float32)))
         check(f"matmul M={m} In={n}", gpu.matmul(gpu.xp.asarray(x), gpu.to_device(w)), REF.linear(x, w))
+    keep, gpu.UPCAST_FLOATS = gpu.UPCAST_FLOATS, 40  # the cuBLAS path in blocks of two rows (3 blocks)
+    check("matmul M=12 in blocks", gpu.matmul(gpu.xp.asarray(x), gpu.to_device(w)), REF.linear(x, w))
+    gpu.UPCAST_FLOATS = keep
     x = rng.normal(0, 2, (5, 13)).astype(np.float32)
     w = rng.uniform(0.5, 1.5, 13).astype(np.float32)
     check("rms_norm", gpu.rms_norm(gpu.xp.asarray(x), gpu.xp.asarray(w)), REF.rms_norm(x, w))

@@ -25,7 +25,9 @@ import numpy as np
 import fast
 from fast import gpu
 from fast.bench import bench_config, bench_prompt, gpu_read_bandwidth, write_bench_checkpoint
+from ref.config import SLIDING, from_hf_dict
 from ref.decoder import Kernels
+from ref.masks import MaskSpec
 
 
 def device_seconds(f, repeats: int = 20) -> float:
@@ -63,6 +65,34 @@ def gemv_part(bw: float) -> None:
         print(f"{what:14} [{out_f:6}, {in_f:5}]  ours {ours * 1e6:7.1f} us {nbytes / ours / 1e9:5.0f} GB/s "
               f"{nbytes / ours / 1e9 / bw:4.0%} (Numba's launcher {numba_launch * 1e6:7.1f} us)   "
               f"torch bf16 {theirs * 1e6:7.1f} us {nbytes / theirs / 1e9:5.0f} GB/s")
+
+
+def launch_part() -> None:
+    import torch
+
+    print("== one launch of a one-element operation (event to event: the host's launch time included)")
+    a, t = cp.ones(1, cp.float32), torch.ones(1, device="cuda")
+    for name, f in (("CuPy elementwise a + 1", lambda: a + 1), ("torch t + 1", lambda: t + 1),
+                    ("our kernel, CuPy's launcher", lambda: gpu.gelu_mul_kernel[1, gpu.THREADS](a, a, a)),
+                    ("our kernel, Numba's launcher", lambda: gpu.gelu_mul_kernel.numba[1, gpu.THREADS](a, a, a))):
+        print(f"   {name:30} {device_seconds(f) * 1e6:7.1f} us")
+
+
+def attention_part(layers: int) -> None:
+    """The bench model's sliding-layer attention, prompt (512 x 512) and decode (1 x 513): the block kernel
+    against ref's attention through cuBLAS (dense_attention)."""
+    cfg = from_hf_dict(bench_config(layers))
+    rng = np.random.default_rng(0)
+    print("== attention, 8 query heads / 4 kv heads of 128 (bench model, sliding layer)")
+    for t, past in ((512, 0), (1, 512)):
+        q = cp.asarray(rng.normal(size=(1, t, 8, 128)).astype(np.float32))
+        k, v = (cp.asarray(rng.normal(size=(1, past + t, 4, 128)).astype(np.float32)) for _ in range(2))
+        seen = np.arange(past + t)
+        spec = MaskSpec.from_seen(cfg, SLIDING, seen[past:], seen, np.ones((1, past + t), bool),
+                                  np.full((1, past + t), -1))
+        times = {name: device_seconds(lambda: f(q, k, v, spec), repeats=10)
+                 for name, f in (("block kernel", gpu.block_attention), ("cuBLAS (ref's)", gpu.dense_attention))}
+        print(f"   T={t:3} S={past + t:3}  " + "  ".join(f"{n} {s * 1e6:8.1f} us" for n, s in times.items()))
 
 
 def timed_kernels(log: dict) -> Kernels:
@@ -119,7 +149,8 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=8)
     args = ap.parse_args(argv)
     bw = gpu_read_bandwidth()
-    for part in (lambda: gemv_part(bw), lambda: step_part(args.layers)):
+    for part in (launch_part, lambda: gemv_part(bw), lambda: attention_part(args.layers),
+                 lambda: step_part(args.layers)):
         try:
             part()
         except Exception as e:  # one failing part must not hide the others' figures
