@@ -1,19 +1,20 @@
 """GPU kernels (CuPy arrays, Numba CUDA kernels): the contracts of ref's `Kernels` on the device.
 
-Weights live on the device as stored: bf16 as uint16 bits, upcast exactly inside the kernels. GEMMs with
-more than GEMV_MAX_M rows upcast a block of weight rows and call cuBLAS in float32 (CuPy leaves TF32 off
-unless CUPY_TF32=1, so products stay float32); decode uses a GEMV kernel that reads each weight once.
+Weights live on the device as stored: bf16 as uint16 bits, upcast exactly inside the kernels. Products of
+more than GEMV_MAX_M rows upcast the matrix (in blocks only past 2^26 floats) and call cuBLAS in float32
+(CuPy leaves TF32 off unless CUPY_TF32=1, so products stay float32); decode uses a GEMV kernel that reads
+each weight once, two bf16 per 32-bit word. RMSNorm, RoPE and GELU x up are one kernel each.
 
 Without a GPU the same module runs on NumPy arrays with Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1):
 that is how CI checks the kernels' indexing and the data flow. Only `as_f32` differs between the two,
 because the simulator has no libdevice. A block computes a row of the output for GEMV and RMSNorm, and
-one (batch, head, query) for attention (its threads split the keys); prompts too long for its scratch
-run a thread per query.
+one (batch, head, query) for decode's attention (its threads split the keys); a prompt's attention is
+ref's own function on device arrays (cuBLAS), or a thread per query when its scores would not fit.
 
 On a GPU the kernels are compiled by Numba to PTX for their declared signatures (SIGNATURES) and
-launched through CuPy (`_Kernel`): Numba's own launcher spent ~200 us per call on an H200 (typing each
-CuPy argument through the driver), CuPy's a fraction of that. FAST_GPU_LAUNCH=numba keeps Numba's launcher
-(for comparison). Measured on a GPU: see fast/PERFORMANCE.md.
+launched through CuPy (`_Kernel`): on an H200, Numba's own launcher took 88 us per call (it types each
+CuPy argument through the driver), CuPy's 29 us with our argument packing (a CuPy elementwise op: 15 us).
+FAST_GPU_LAUNCH=numba keeps Numba's launcher, for comparison. Measurements: fast/PERFORMANCE.md, "On a GPU".
 """
 
 from __future__ import annotations
@@ -446,7 +447,7 @@ def attention(q, k, v, spec):
 
 
 def linears(x, ws, bs):
-    """As ref.decoder.linears: one product each (the GPU GEMV kernel takes one matrix; unmeasured on a GPU)."""
+    """As ref.decoder.linears: one product each (the GPU GEMV kernel takes one matrix)."""
     return [linear(x, w, b) for w, b in zip(ws, bs)]
 
 
