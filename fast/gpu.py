@@ -28,6 +28,7 @@ from numba import cuda, float32, int32, uint32
 from numba import types as nt
 
 from ref.decoder import Kernels, KVCache
+from ref.layers import F32_MIN
 from ref.layers import attention as dense_masked_attention
 from ref.safetensors_io import Bf16, to_f32
 
@@ -232,6 +233,34 @@ def _rope(x, cos, sin, out):
 
 
 @cuda.jit
+def _masked_softmax(s, mask, heads):
+    """s [B * heads * T, S] float32 scores (rows in (b, head, t) order), in place -> probabilities; mask
+    [B, T, S] bool. As ref.layers.masked_softmax: masked scores become the float32 minimum first, so a row
+    that sees no key averages every value. Block = one row; threads stride over S, two block reductions."""
+    r = cuda.blockIdx.x
+    tid = cuda.threadIdx.x
+    T, S = mask.shape[1], mask.shape[2]
+    b, t = r // (heads * T), r % T
+    red = cuda.shared.array(THREADS, float32)
+    top = float32(-math.inf)
+    for j in range(tid, S, THREADS):
+        score = s[r, j] if mask[b, t, j] else F32_MIN
+        s[r, j] = score
+        top = score if score > top else top
+    red[tid] = top
+    top = _block_reduce(red, True)
+    total = float32(0.0)
+    for j in range(tid, S, THREADS):
+        p = math.exp(s[r, j] - top)
+        s[r, j] = p
+        total += p
+    red[tid] = total
+    total = _block_reduce(red, False)
+    for j in range(tid, S, THREADS):
+        s[r, j] = s[r, j] / total
+
+
+@cuda.jit
 def _upcast(bits, out):
     """bits [n] uint16 (bf16) -> out [n] float32, exact: the bits moved to the high half. Grid-stride."""
     for j in range(cuda.grid(1), bits.shape[0], cuda.gridsize(1)):
@@ -266,6 +295,7 @@ SIGNATURES = {
     "_rope": (_arr(_f32, 3), _arr(_f32, 2), _arr(_f32, 2), _arr(_f32, 3)),
     "_gelu_mul": (_arr(_f32, 1), _arr(_f32, 1), _arr(_f32, 1)),
     "_upcast": (_arr(nt.uint16, 1), _arr(_f32, 1)),
+    "_masked_softmax": (_arr(_f32, 2), _arr(nt.boolean, 3), nt.int64),
 }
 
 
@@ -317,8 +347,8 @@ class _Kernel:
 
 
 (gemv_bf16, rms_norm_kernel, query_attention_kernel, block_attention_kernel, rope_kernel, gelu_mul_kernel,
- upcast_kernel) = (_Kernel(k) for k in (_gemv_bf16, _rms_norm, _attention, _block_attention, _rope, _gelu_mul,
-                                         _upcast))
+ upcast_kernel, softmax_kernel) = (_Kernel(k) for k in (_gemv_bf16, _rms_norm, _attention, _block_attention, _rope,
+                                                        _gelu_mul, _upcast, _masked_softmax))
 
 
 _UPLOADS: dict = {}
@@ -430,9 +460,18 @@ BLOCK_ATTENTION_MAX = 1 << 26  # score floats (256 MB) up to which attention kee
 
 def dense_attention(q, k, v, spec):
     """ref.layers.attention itself on device arrays (NumPy's functions dispatch to CuPy): its two
-    products batched through cuBLAS in float32, the mask uploaded once per forward. Its score tensor takes
-    B x H x T x S floats."""
-    return dense_masked_attention(q, k, v, _upload(spec.dense()))
+    products batched through cuBLAS in float32, its masked softmax one kernel (masked_softmax), the mask
+    uploaded once per forward. Its score tensor takes B x H x T x S floats."""
+    return dense_masked_attention(q, k, v, _upload(spec.dense()), softmax=masked_softmax)
+
+
+def masked_softmax(scores, mask):
+    """ref.layers.masked_softmax's contract: scores [B, K, G, T, S] (device), mask [B, T, S] -> probabilities,
+    in place, one launch."""
+    B, K, G, T, S = scores.shape
+    scores = xp.ascontiguousarray(scores)
+    softmax_kernel[B * K * G * T, THREADS](scores.reshape(-1, S), mask, np.int64(K * G))
+    return scores
 
 
 def attention(q, k, v, spec):

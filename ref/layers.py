@@ -80,20 +80,25 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 
 # ---- attention --------------------------------------------------------------------------------
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def masked_softmax(scores: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """scores [B, K, G, T, S], mask [B, T, S] bool -> probabilities over S. Masked scores are set to the
+    float32 minimum, as HF's eager/sdpa masks do, so a row with no visible key (a left-padding query)
+    averages all values instead of producing NaN."""
+    scores = np.where(mask[:, None, None], scores, F32_MIN)
+    scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    return scores / scores.sum(axis=-1, keepdims=True)
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray, softmax=masked_softmax) -> np.ndarray:
     """Grouped-query attention with scale 1 (q_norm/k_norm replace 1/sqrt(Dh)).
 
     q [B, T, H, Dh], k/v [B, S, K, Dh], mask [B, T, S] bool (True = may attend) -> [B, T, H, Dh].
-    Masked scores are set to the float32 minimum, as HF's eager/sdpa masks do, so a row with no
-    visible key (a left-padding query) averages all values instead of producing NaN.
+    `softmax(scores, mask)` is masked_softmax (fast/'s GPU passes a kernel with its contract).
     """
     B, T, H, Dh = q.shape
     K = k.shape[2]
     qg = q.reshape(B, T, K, H // K, Dh).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, Dh]
     kt = k.transpose(0, 2, 3, 1)[:, :, None]  # [B, K, 1, Dh, S]
-    scores = qg @ kt  # [B, K, G, T, S]
-    scores = np.where(mask[:, None, None], scores, F32_MIN)
-    scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
-    probs = scores / scores.sum(axis=-1, keepdims=True)
+    probs = softmax(qg @ kt, mask)  # [B, K, G, T, S]
     out = probs @ v.transpose(0, 2, 1, 3)[:, :, None]  # [B, K, G, T, Dh]
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, Dh)
