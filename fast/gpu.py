@@ -12,8 +12,9 @@ one (batch, head, query) for decode's attention (its threads split the keys); a 
 ref's own function on device arrays (cuBLAS), or a thread per query when its scores would not fit.
 
 On a GPU the kernels are compiled by Numba to PTX for their declared signatures (SIGNATURES) and
-launched through CuPy (`_Kernel`): on an H200, Numba's own launcher took 88 us per call (it types each
-CuPy argument through the driver), CuPy's 29 us with our argument packing (a CuPy elementwise op: 15 us).
+launched through CuPy (`_Kernel`): on an H200, Numba's own launcher took 88-132 us per call (it types
+each CuPy argument through the driver), CuPy's 26-39 us with our argument packing (a CuPy elementwise op:
+13-16 us).
 FAST_GPU_LAUNCH=numba keeps Numba's launcher, for comparison. Measurements: fast/PERFORMANCE.md, "On a GPU".
 """
 
