@@ -361,8 +361,8 @@ def _upload(a):
     per layer. Only for arrays nobody writes to after making them. Device arrays pass through."""
     if hasattr(a, "__cuda_array_interface__"):
         return a
-    hit = _UPLOADS.get(id(a))
-    if hit is None or hit[0] is not a:
+    hit = _UPLOADS.get(id(a))  # the entry keeps `a` alive, so no other object can take its id meanwhile
+    if hit is None:
         if len(_UPLOADS) >= 16:
             _UPLOADS.clear()
         hit = _UPLOADS[id(a)] = (a, _dev(a))

@@ -35,6 +35,11 @@ def check(name, got, want):
 
 def main() -> int:
     rng = np.random.default_rng(0)
+    table = rng.normal(size=(2, 3)).astype(np.float32)  # gpu._upload: one copy per host object, kept
+    first = gpu._upload(table)
+    assert gpu._upload(table) is first and gpu._upload(table.copy()) is not first
+    assert np.array_equal(host(first), table) and gpu._upload(first) is first
+    print("ok upload cache")
     # the GEMV kernel (M <= 8: one word loop, and with In = 80 its four-word steps and their tail), an odd In
     # (the cuBLAS path), and M > 8 (cuBLAS)
     for m, n in ((1, 20), (3, 20), (2, 80), (1, 21), (12, 20)):

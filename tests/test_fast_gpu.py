@@ -29,6 +29,7 @@ def test_gpu_kernels_and_model_under_cuda_simulator():
     assert "ok model forward" in out and "ok generate" in out
     assert out.count("ok attention") == 6 and out.count("ok query attention") == 6
     assert out.count("ok dense attention") == 6 and out.count("ok apply_rope") == 2 and "ok mlp" in out
+    assert "ok upload cache" in out
 
 
 def _cuda_home(tmp_path: Path) -> Path | None:

@@ -1,11 +1,15 @@
 """Where fast's GPU time goes, for a session with a device machine (run by tools/gpu_check.sh after the
 benchmark). Not a benchmark of record: each part prints what it measured and against which peer.
 
-1. The decode GEMV kernel alone, at the bench's and the 12B model's matrix shapes: GB/s of bf16 weights
+1. One launch of a one-element operation: CuPy's, torch's, our kernel through CuPy and through Numba.
+2. The decode GEMV kernel alone, at the bench's and the 12B model's matrix shapes: GB/s of bf16 weights
    read, next to torch's bf16 GEMV (what HF runs) and the card's read bandwidth measured here.
-2. One bench-model decode step and one 512-token prefill, every Kernels call timed with a device
-   synchronisation on each side (so the sum runs above an unsynchronised step): time per kernel, and
-   what is left for the host (masks, cache concatenation, Python).
+3. The bench's sliding-layer attention for a 512-token prompt and for one decode token: the block kernel
+   against ref's attention through cuBLAS (how gpu.attention chooses).
+4. The bench model through both launchers (prefill and decode, unsynchronised), then one decode step and
+   one 512-token prefill with every Kernels call timed between two device synchronisations (so the sum
+   runs above an unsynchronised step): time per kernel, and what is left for the host (masks, cache
+   concatenation, Python).
 
 usage: python3 tools/gpu_probe.py [--layers 8]
 """
@@ -52,7 +56,7 @@ def gemv_part(bw: float) -> None:
     for out_f, in_f, what in ((4096, 1024, "bench gate/up"), (1024, 4096, "bench down"),
                               (32768, 1024, "bench head"), (4096, 3840, "12B q"), (15360, 3840, "12B gate/up"),
                               (3840, 15360, "12B down"), (262144, 3840, "12B head")):
-        bits = (cp.random.random((out_f, in_f), dtype=cp.float32) * 0x380 + 0x3C00).astype(cp.uint16)  # 1..2^15
+        bits = (cp.random.random((out_f, in_f), dtype=cp.float32) * 0x380 + 0x3C00).astype(cp.uint16)  # bf16 in [2^-7, 1)
         x = cp.asarray(rng.normal(size=(1, in_f)).astype(np.float32))
         out = cp.empty((1, out_f), cp.float32)
         words = bits.view(cp.uint32)
