@@ -120,6 +120,26 @@ def _block_reduce(red, take_max):
     return result
 
 
+@cuda.jit(device=True)
+def _exp_minus_max(row, red):
+    """row [S], strided over by the block's threads (each reads back only what it wrote), in place ->
+    row[j] = exp(row[j] - max(row)); returns (max, sum of the new row) to every thread. A row of -inf keeps
+    max -inf (its values turn NaN: the caller tests the max). red: the block's [THREADS] shared scratch."""
+    tid = cuda.threadIdx.x
+    top = float32(-math.inf)
+    for j in range(tid, row.shape[0], THREADS):
+        top = row[j] if row[j] > top else top
+    red[tid] = top
+    top = _block_reduce(red, True)
+    total = float32(0.0)
+    for j in range(tid, row.shape[0], THREADS):
+        p = math.exp(row[j] - top)
+        row[j] = p
+        total += p
+    red[tid] = total
+    return top, _block_reduce(red, False)
+
+
 @cuda.jit
 def _rms_norm(x, w, eps, out):
     """x [R, N] -> out [R, N] = x * (mean(x^2) + eps)^-0.5 * w. Block = one row."""
@@ -181,23 +201,9 @@ def _block_attention(q, k, v, mask, scratch, out):
     b, h, t = pid // (H * T), (pid // T) % H, pid % T
     kh = h // (H // K)
     red = cuda.shared.array(THREADS, float32)
-    top = float32(-math.inf)
-    for s in range(tid, S, THREADS):
-        if mask[b, t, s]:
-            score = _dot4(q[b, t, h], k[b, s, kh], Dh)
-            scratch[pid, s] = score
-            top = score if score > top else top
-    red[tid] = top
-    top = _block_reduce(red, True)
-    total = float32(0.0)
-    for s in range(tid, S, THREADS):
-        p = float32(0.0)
-        if mask[b, t, s]:
-            p = math.exp(scratch[pid, s] - top)
-        scratch[pid, s] = p
-        total += p
-    red[tid] = total
-    total = _block_reduce(red, False)
+    for s in range(tid, S, THREADS):  # masked keys score -inf: exp gives them 0
+        scratch[pid, s] = _dot4(q[b, t, h], k[b, s, kh], Dh) if mask[b, t, s] else float32(-math.inf)
+    top, total = _exp_minus_max(scratch[pid], red)
     for i in range(tid, Dh, THREADS):
         acc = float32(0.0)
         if top == -math.inf:
@@ -243,20 +249,10 @@ def _masked_softmax(s, mask, heads):
     T, S = mask.shape[1], mask.shape[2]
     b, t = r // (heads * T), r % T
     red = cuda.shared.array(THREADS, float32)
-    top = float32(-math.inf)
     for j in range(tid, S, THREADS):
-        score = s[r, j] if mask[b, t, j] else F32_MIN
-        s[r, j] = score
-        top = score if score > top else top
-    red[tid] = top
-    top = _block_reduce(red, True)
-    total = float32(0.0)
-    for j in range(tid, S, THREADS):
-        p = math.exp(s[r, j] - top)
-        s[r, j] = p
-        total += p
-    red[tid] = total
-    total = _block_reduce(red, False)
+        if not mask[b, t, j]:
+            s[r, j] = F32_MIN
+    _, total = _exp_minus_max(s[r], red)
     for j in range(tid, S, THREADS):
         s[r, j] = s[r, j] / total
 
@@ -304,20 +300,30 @@ def _pointer(a) -> int:
     return a.data.ptr if hasattr(a.data, "ptr") else a.ctypes.data
 
 
+_PLANS: dict = {}
+
+
+def _plan(signature) -> tuple:
+    """Per argument, made once per signature: (ndim, dtype) of an array, or (None, scalar type)."""
+    if signature not in _PLANS:
+        _PLANS[signature] = tuple((ty.ndim, np.dtype(str(ty.dtype))) if isinstance(ty, nt.Array)
+                                  else (None, np.dtype(str(ty)).type) for ty in signature)
+    return _PLANS[signature]
+
+
 def kernel_args(signature, args) -> list:
     """A kernel's arguments -> the flat parameter list of its Numba-compiled PTX, as NumPy scalars (Numba's
     kernel ABI: an array is meminfo, parent, size, itemsize, data pointer, then its shape and its strides in
     bytes, every one 64 bits; a scalar is passed as its own type)."""
     flat = []
-    for ty, a in zip(signature, args, strict=True):
-        if isinstance(ty, nt.Array):
-            want = np.dtype(str(ty.dtype))
-            if a.ndim != ty.ndim or a.dtype != want or not a.flags.c_contiguous:
-                raise TypeError(f"kernel argument {a.dtype}{list(a.shape)} is not a C-contiguous {ty}")
-            flat += [np.uint64(0), np.uint64(0), np.int64(a.size), np.int64(a.itemsize), np.uint64(_pointer(a))]
-            flat += [np.int64(n) for n in a.shape] + [np.int64(n) for n in a.strides]
-        else:
-            flat.append(np.dtype(str(ty)).type(a))
+    for (ndim, kind), a in zip(_plan(signature), args, strict=True):
+        if ndim is None:
+            flat.append(kind(a))
+            continue
+        if a.ndim != ndim or a.dtype != kind or not a.flags.c_contiguous:
+            raise TypeError(f"kernel argument {a.dtype}{list(a.shape)} is not a C-contiguous {ndim}-d {kind}")
+        flat += [np.uint64(0), np.uint64(0), np.int64(a.size), np.int64(a.itemsize), np.uint64(_pointer(a))]
+        flat += [np.int64(n) for n in a.shape] + [np.int64(n) for n in a.strides]
     return flat
 
 
