@@ -176,44 +176,26 @@ def _f32(w, n: int) -> np.ndarray:
     return np.ones(n, np.float32) if w is None else np.ascontiguousarray(to_f32(w), np.float32).reshape(n)
 
 
-class DecodeStep:
-    """The compiled step for one model: its weights gathered into typed lists once. Call with
-    (x [1, 1, D], positions [1, 1], key_ok, block [1, 1], a RingKVCache after its prefill) -> final-normed
-    hidden states [1, 1, D], as ref.decoder.decoder_forward; `usable` says whether it applies."""
+class StepPlan:
+    """What a decoding step of one model needs besides its weights, shared by the CPU step (DecodeStep) and
+    the GPU's (fast.gpu_step): the per-layer table, the layer kinds and RoPE variants, the cache's side of
+    each step (`bookkeeping`) and the RoPE rows (`rope_rows`)."""
 
-    def __init__(self, cfg, params):
+    def __init__(self, cfg):
         self.cfg = cfg
-        self._cache_lists = weakref.WeakKeyDictionary()  # cache -> its typed lists (`_lists`)
-        self._rope = (-ROPE_ROWS, None, None)  # (first position, cos, sin) of the RoPE rows (`_rope_rows`)
-        modes = [SHARED if cfg.kv_shared(i) else K_EQ_V if s.k_eq_v else OWN for i, s in enumerate(cfg.layers)]
-        layer_mats = [_matrices(params.layers[i], mode) for i, mode in enumerate(modes)]
-        self.ok = (not cfg.attention_bias and all(s.head_dim % 2 == 0 for s in cfg.layers)
-                   and all(isinstance(m.weight, Bf16) for ms in layer_mats for m in ms))
-        if not self.ok:
-            return
+        self._slot_lists = weakref.WeakKeyDictionary()  # cache -> its slot tables as a typed list
+        self._rope = (-ROPE_ROWS, None, None)  # (first position, cos, sin) of the RoPE rows (`rope_rows`)
+        self.modes_by_layer = [SHARED if cfg.kv_shared(i) else K_EQ_V if s.k_eq_v else OWN
+                               for i, s in enumerate(cfg.layers)]
         self.kinds = sorted({s.kind for s in cfg.layers})
         self.ropes = sorted({(s.rope, s.head_dim) for s in cfg.layers}, key=repr)
         self.own = [i for i in range(cfg.num_layers) if not cfg.kv_shared(i)]
-        mats, norms = List(), List()
-        table = np.zeros((cfg.num_layers, 10), np.int64)
-        D = cfg.hidden_size
+        self.table = np.zeros((cfg.num_layers, 10), np.int64)
         for i, spec in enumerate(cfg.layers):
-            p, a = params.layers[i], params.layers[i].self_attn
-            for m in layer_mats[i]:
-                mats.append(cpu._read_only(m.weight.bits))
-            for w, n in [(p.input_layernorm.weight, D), (a.q_norm.weight, spec.head_dim),
-                         (None if modes[i] == SHARED else a.k_norm.weight, spec.head_dim), (None, spec.head_dim),
-                         (p.post_attention_layernorm.weight, D), (p.pre_feedforward_layernorm.weight, D),
-                         (p.post_feedforward_layernorm.weight, D)]:
-                norms.append(_f32(w, n))
-            table[i, [KIND, ROPE, DH, H, K, MODE, SRC, INTER]] = (
+            self.table[i, [KIND, ROPE, DH, H, K, MODE, SRC, INTER]] = (
                 self.kinds.index(spec.kind), self.ropes.index((spec.rope, spec.head_dim)), spec.head_dim,
-                cfg.num_attention_heads, spec.num_kv_heads, modes[i], self.own.index(spec.kv_source),
+                cfg.num_attention_heads, spec.num_kv_heads, self.modes_by_layer[i], self.own.index(spec.kv_source),
                 spec.intermediate_size)
-        self.mats, self.norms, self.table = mats, norms, table
-        self.final_norm = _f32(params.norm.weight, D)
-        self.scalars = np.array([to_f32(params.layers[i].layer_scalar).reshape(-1)[0] for i in range(cfg.num_layers)],
-                                np.float32)
         self.own_rows = np.array(self.own, np.int64)
         # per layer kind: its mask mode, and the cache (place in own) whose slots its layers attend over (any
         # of its own layers: they hold the same tokens)
@@ -223,17 +205,19 @@ class DecodeStep:
         self.inv_freq = [rope_inv_freq(r, d) for r, d in self.ropes]
         self.head_dim = max(s.head_dim for s in cfg.layers)
 
-    def _lists(self, cache) -> tuple:
-        """The cache's per-layer K, V and slot arrays as Numba typed lists, built once per cache (its arrays
-        are fixed once the prefill allocated them); they go when the cache goes."""
-        lists = self._cache_lists.get(cache)
-        if lists is None:
-            lists = self._cache_lists[cache] = (List([cache.keys[i][0] for i in self.own]),
-                                                List([cache.values[i][0] for i in self.own]),
-                                                List([cache.slots[i] for i in self.own]))
-        return lists
+    def bookkeeping(self, cache, key_ok, block) -> tuple[int, np.ndarray, np.ndarray]:
+        """Record the step's token in the cache (a RingKVCache after its prefill) -> (its index, this step's
+        table: SLOT and N filled, masks [kinds, most keys] bool), by `_bookkeeping`."""
+        start = cache.append_tokens(key_ok, block)
+        slots = self._slot_lists.get(cache)
+        if slots is None:  # the slot arrays are fixed once the prefill allocated them; they go with the cache
+            slots = self._slot_lists[cache] = List([cache.slots[i] for i in self.own])
+        table = self.table.copy()  # this step's key counts and slots (the step keeps no state of its own)
+        masks = _bookkeeping(slots, start, self.own_rows, table, self.kind_cache, self.modes, self.cfg.window,
+                             cache.key_ok, cache.block)
+        return start, table, masks
 
-    def _rope_rows(self, p: int) -> tuple[np.ndarray, np.ndarray]:
+    def rope_rows(self, p: int) -> tuple[np.ndarray, np.ndarray]:
         """cos, sin [ropes, max Dh] of RoPE position p: rows of tables that ref's rope_cos_sin fills for
         ROPE_ROWS positions at a time (elementwise, so each row equals a call for its position alone)."""
         first, cos, sin = self._rope
@@ -246,25 +230,60 @@ class DecodeStep:
             self._rope = first, cos, sin
         return cos[p - first], sin[p - first]
 
+
+class DecodeStep(StepPlan):
+    """The compiled step for one model: its weights gathered into typed lists once. Call with
+    (x [1, 1, D], positions [1, 1], key_ok, block [1, 1], a RingKVCache after its prefill) -> final-normed
+    hidden states [1, 1, D], as ref.decoder.decoder_forward; `usable` says whether it applies."""
+
+    def __init__(self, cfg, params):
+        super().__init__(cfg)
+        self._kv_lists = weakref.WeakKeyDictionary()  # cache -> its K and V arrays as typed lists (`_lists`)
+        layer_mats = [_matrices(params.layers[i], mode) for i, mode in enumerate(self.modes_by_layer)]
+        self.ok = (not cfg.attention_bias and all(s.head_dim % 2 == 0 for s in cfg.layers)
+                   and all(isinstance(m.weight, Bf16) for ms in layer_mats for m in ms))
+        if not self.ok:
+            return
+        mats, norms = List(), List()
+        D = cfg.hidden_size
+        for i, spec in enumerate(cfg.layers):
+            p, a = params.layers[i], params.layers[i].self_attn
+            for m in layer_mats[i]:
+                mats.append(cpu._read_only(m.weight.bits))
+            for w, n in [(p.input_layernorm.weight, D), (a.q_norm.weight, spec.head_dim),
+                         (None if self.modes_by_layer[i] == SHARED else a.k_norm.weight, spec.head_dim),
+                         (None, spec.head_dim), (p.post_attention_layernorm.weight, D),
+                         (p.pre_feedforward_layernorm.weight, D), (p.post_feedforward_layernorm.weight, D)]:
+                norms.append(_f32(w, n))
+        self.mats, self.norms = mats, norms
+        self.final_norm = _f32(params.norm.weight, D)
+        self.scalars = np.array([to_f32(params.layers[i].layer_scalar).reshape(-1)[0] for i in range(cfg.num_layers)],
+                                np.float32)
+
+    def _lists(self, cache) -> tuple:
+        """The cache's per-layer K and V arrays as Numba typed lists, built once per cache (its arrays are
+        fixed once the prefill allocated them); they go when the cache goes."""
+        lists = self._kv_lists.get(cache)
+        if lists is None:
+            lists = self._kv_lists[cache] = (List([cache.keys[i][0] for i in self.own]),
+                                             List([cache.values[i][0] for i in self.own]))
+        return lists
+
     def usable(self, x: np.ndarray, cache) -> bool:
         """One token of one sequence, after a prefill filled every layer's cache."""
         return (self.ok and x.shape[:2] == (1, 1) and isinstance(cache, cpu.RingKVCache)
                 and cache.length > 0 and all(i in cache.keys for i in self.own))
 
     def __call__(self, x, positions, key_ok, block, cache) -> np.ndarray:
-        cfg = self.cfg
-        start = cache.append_tokens(key_ok, block)
-        lists = self._lists(cache)
-        table = self.table.copy()  # this step's key counts and slots (the step keeps no state of its own)
-        masks = _bookkeeping(lists[2], start, self.own_rows, table, self.kind_cache, self.modes, cfg.window,
-                             cache.key_ok, cache.block)
-        cos, sin = self._rope_rows(int(np.asarray(positions).reshape(-1)[0]))
+        _, table, masks = self.bookkeeping(cache, key_ok, block)
+        keys, values = self._lists(cache)
+        cos, sin = self.rope_rows(int(np.asarray(positions).reshape(-1)[0]))
         if cpu._BLAS_RAN[0]:
             cpu.park_blas_threads()
         h = np.ascontiguousarray(x, np.float32).reshape(1, -1).copy()
         out = np.empty_like(h)
-        _layers(h, table, self.mats, self.norms, self.scalars, lists[0], lists[1], masks, cos, sin,
-                np.float32(cfg.rms_norm_eps), nb.get_num_threads(), self.final_norm, out)
+        _layers(h, table, self.mats, self.norms, self.scalars, keys, values, masks, cos, sin,
+                np.float32(self.cfg.rms_norm_eps), nb.get_num_threads(), self.final_norm, out)
         return out.reshape(1, 1, -1)
 
 

@@ -92,15 +92,17 @@ def test_generate_uses_the_compiled_step_and_gives_refs_tokens(tmp_path, monkeyp
 
 
 def test_the_steps_typed_lists_live_as_long_as_their_cache(tmp_path):
-    """The step keeps each cache's K/V arrays as typed lists while the cache lives (one set during a
+    """The step keeps each cache's K/V and slot arrays as typed lists while the cache lives (one set during a
     generation, built at its first step), and lets them go with it: a long cache is not held past its
     generation."""
     model = fast.load_model(_checkpoint(tmp_path))
     held = []
     model.generate(np.arange(3, 20)[None], max_new_tokens=4,
-                   on_token=lambda _: held.append(0 if model._step is None else len(model._step._cache_lists)))
+                   on_token=lambda _: held.append(0 if model._step is None else
+                                                  (len(model._step._kv_lists), len(model._step._slot_lists))))
     gc.collect()
-    assert held == [0, 1, 1, 1] and len(model._step._cache_lists) == 0
+    assert held == [0, (1, 1), (1, 1), (1, 1)]
+    assert len(model._step._kv_lists) == 0 and len(model._step._slot_lists) == 0
 
 
 @pytest.mark.parametrize("rows", [step.ROPE_ROWS, 5])
@@ -113,7 +115,7 @@ def test_the_steps_rope_rows_are_refs_tables_position_by_position(tmp_path, monk
     s = step.DecodeStep(model.config, model.decoder_params)
     assert len(s.ropes) == 2
     for p in list(range(0, 140)) + [3, 200, 4000]:
-        cos, sin = s._rope_rows(p)
+        cos, sin = s.rope_rows(p)
         for r, inv in enumerate(s.inv_freq):
             c, si = rope_cos_sin(np.array([[p]]), inv)
             n = 2 * inv.size
