@@ -837,7 +837,10 @@ def claim_slot(slots, q):
 
 class RingKVCache(KVCache):
     """Preallocated cache: full layers hold [B, max_len, K, Dh], sliding layers a ring of `window` slots
-    (slot = index % window), so a decoding step writes one row and copies nothing."""
+    (slot = index % window), so a decoding step writes one row and copies nothing. `xp` is the array module
+    that holds K and V (fast.gpu's subclass: CuPy); the slots and flags stay NumPy arrays on the host."""
+
+    xp = np
 
     def __init__(self, batch: int, max_len: int):
         super().__init__()
@@ -865,8 +868,8 @@ class RingKVCache(KVCache):
         B, T, K, Dh = k.shape
         if i not in self.keys:
             cap = window if kind == SLIDING else self.max_len
-            self.keys[i] = np.zeros((B, cap, K, Dh), np.float32)
-            self.values[i] = np.zeros((B, cap, K, Dh), np.float32)
+            self.keys[i] = self.xp.zeros((B, cap, K, Dh), np.float32)
+            self.values[i] = self.xp.zeros((B, cap, K, Dh), np.float32)
             self.slots[i] = np.full(cap, -1, np.int64)
         keys, values, slots = self.keys[i], self.values[i], self.slots[i]
         cap = keys.shape[1]
@@ -881,12 +884,14 @@ class RingKVCache(KVCache):
                 return keys[:, :n], values[:, :n], slots[:n]
         else:
             held = np.flatnonzero(filled)
-            k_att = np.concatenate([keys[:, held], k], axis=1)
-            v_att = np.concatenate([values[:, held], v], axis=1)
+            on = self.xp.asarray(held)
+            k_att = self.xp.concatenate([keys[:, on], k], axis=1)
+            v_att = self.xp.concatenate([values[:, on], v], axis=1)
             idx_att = np.concatenate([slots[held], q_idx])
         keep = q_idx > q_idx[-1] - cap if kind == SLIDING else np.ones(T, bool)
         s = q_idx[keep] % cap
-        keys[:, s], values[:, s], slots[s] = k[:, keep], v[:, keep], q_idx[keep]
+        on, kept = self.xp.asarray(s), self.xp.asarray(np.flatnonzero(keep))  # indices: no device sync to count
+        keys[:, on], values[:, on], slots[s] = k[:, kept], v[:, kept], q_idx[keep]
         return k_att, v_att, idx_att
 
 
