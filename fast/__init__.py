@@ -9,6 +9,7 @@ KV cache differ, and on the CPU a prompt of one sequence runs with the tokens al
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -70,17 +71,21 @@ class CpuModel(Model):
 
 class GpuModel(Model):
     """ref's Model with the decoder's weights on the device and GPU kernels. Embedding (a row lookup, and
-    the vision/audio embedders) stays on the host; its output moves to the device once per call."""
+    the vision/audio embedders) stays on the host; its output moves to the device once per decoder call
+    (a cached step of one token takes it in its one upload of inputs). Such a step runs as one replayed
+    CUDA graph, output head included (fast/gpu_step.py)."""
 
     def __init__(self, *args, **kwargs):
         from . import gpu
 
         super().__init__(*args, **kwargs)
         self._gpu = gpu
-        self.kernels = gpu.KERNELS
+        self.kernels = dataclasses.replace(gpu.KERNELS, lm_head=self._lm_head)
         self._decoder = gpu.to_device(self.params.language_model)
         self._head = self._decoder.embed_tokens.weight if self.config.tie_word_embeddings else \
             gpu.to_device(self.tensors["lm_head.weight"])
+        self._step = None  # fast.gpu_step.GpuStep, built at the first cached step
+        self.whole_step = True  # False: decoding steps run ref's layer code with the GPU kernels, call by call
 
     @property
     def decoder_params(self):
@@ -90,11 +95,27 @@ class GpuModel(Model):
     def head(self):
         return self._head
 
-    def embed(self, *args, **kwargs):
-        return self._gpu.xp.asarray(super().embed(*args, **kwargs))
-
     def new_cache(self, batch: int, max_len: int):
-        return self._gpu.device_cache(batch, max_len)
+        from .gpu_step import DeviceRingCache
+
+        return DeviceRingCache(batch, max_len)
+
+    def run_decoder(self, x, positions, key_ok, block, cache=None, trace=None):
+        """ref's decoder, except that a cached step of one token of one sequence runs as fast/gpu_step.py's
+        captured graph."""
+        if self.whole_step and trace is None and cache is not None:
+            if self._step is None:
+                from .gpu_step import GpuStep
+
+                self._step = GpuStep(self.config, self.decoder_params, self.head)
+            if self._step.usable(x, cache):
+                return self._step(x, positions, key_ok, block, cache)
+        return super().run_decoder(self._gpu.xp.asarray(x), positions, key_ok, block, cache, trace)
+
+    def _lm_head(self, h, table, cap):
+        """The GPU kernels' lm_head, except for the output of a graph step, whose logits the graph computed."""
+        logits = None if self._step is None else self._step.logits_for(h, table, cap)
+        return self._gpu.lm_head(h, table, cap) if logits is None else logits
 
     def compile(self) -> float:
         """Compile every GPU kernel now, by generating two tokens after a prompt one token longer than

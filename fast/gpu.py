@@ -3,13 +3,16 @@
 Weights live on the device as stored: bf16 as uint16 bits, upcast exactly inside the kernels. Products of
 more than GEMV_MAX_M rows upcast the matrix (in blocks only past 2^26 floats) and call cuBLAS in float32
 (CuPy leaves TF32 off unless CUPY_TF32=1, so products stay float32); decode uses a GEMV kernel that reads
-each weight once, two bf16 per 32-bit word. RMSNorm, RoPE and GELU x up are one kernel each.
+each weight once, four bf16 per 8-byte word, GEMV_ROWS rows per block. RMSNorm, RoPE and GELU x up are
+one kernel each. The kernels of fast/gpu_step.py's captured decoding step are here too: q/k/v's norms
+and RoPE with the cache write, attention split by keys and its merge, the residual add with both norms.
 
 Without a GPU the same module runs on NumPy arrays with Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1):
 that is how CI checks the kernels' indexing and the data flow. Only `as_f32` differs between the two,
-because the simulator has no libdevice. A block computes a row of the output for GEMV and RMSNorm, and
-one (batch, head, query) for decode's attention (its threads split the keys); a prompt's attention is
-ref's own function on device arrays (cuBLAS), or a thread per query when its scores would not fit.
+because the simulator has no libdevice (and no warp shuffles: reductions go through shared memory). A
+block computes a row of the output for RMSNorm, and one (batch, head, query) for the layer code's decode
+attention (its threads split the keys); a prompt's attention is ref's own function on device arrays
+(cuBLAS), or a thread per query when its scores would not fit.
 
 On a GPU the kernels are compiled by Numba to PTX for their declared signatures (SIGNATURES) and
 launched through CuPy (`_Kernel`): on an H200, Numba's own launcher took 88-132 us per call (it types
@@ -25,10 +28,10 @@ import os
 import re
 
 import numpy as np
-from numba import cuda, float32, int32, uint32
+from numba import cuda, float32, int32, uint32, uint64
 from numba import types as nt
 
-from ref.decoder import Kernels, KVCache
+from ref.decoder import Kernels
 from ref.layers import F32_MIN
 from ref.layers import attention as dense_masked_attention
 from ref.safetensors_io import Bf16, to_f32
@@ -45,8 +48,10 @@ else:
     import cupy as xp
 
 LAUNCH = "numba" if SIMULATED else os.environ.get("FAST_GPU_LAUNCH", "cupy")
-THREADS = 8 if SIMULATED else 128  # threads per block (the simulator runs each as a Python thread)
+THREADS = 4 if SIMULATED else 128  # threads per block (the simulator runs each as a Python thread)
 GEMV_MAX_M = 8
+GEMV_ROWS = 4  # output rows per GEMV block (the kernel's four accumulators)
+STEP_SPLITS = 4 if SIMULATED else 32  # key chunks per head in a decoding step's attention (`_step_attention`)
 UPCAST_FLOATS = 1 << 26  # float32 weights (256 MB) upcast at a time for one cuBLAS product
 
 if SIMULATED:
@@ -60,45 +65,50 @@ else:
 
 
 @cuda.jit(device=True, inline=True)
-def _dot_pair(x, m, i, word):
-    """x[m, 2i] * w[2i] + x[m, 2i + 1] * w[2i + 1] for the two bf16 of one uint32 word (little-endian:
-    the low half is the first)."""
-    return x[m, 2 * i] * as_f32(word << uint32(16)) + x[m, 2 * i + 1] * as_f32(word & uint32(0xFFFF0000))
+def _dot_quad(word, x0, x1, x2, x3):
+    """x0..x3 times the four bf16 of one uint64 word (little-endian: the lowest 16 bits are the first)."""
+    lo, hi = uint32(word & uint64(0xFFFFFFFF)), uint32(word >> uint64(32))
+    return (x0 * as_f32(lo << uint32(16)) + x1 * as_f32(lo & uint32(0xFFFF0000))) + \
+        (x2 * as_f32(hi << uint32(16)) + x3 * as_f32(hi & uint32(0xFFFF0000)))
 
 
 @cuda.jit
-def _gemv_bf16(x, w, out):
-    """x [M, In] f32, w [Out, In / 2] uint32 (the bf16 weights, two per word), out [M, Out]. Block = one
-    output row; threads stride over the words, four loads in flight each, then a shared-memory tree sum.
-    M <= GEMV_MAX_M."""
-    o = cuda.blockIdx.x
+def _gemv_bf16(x, w0, w1, w2, out):
+    """x [M, In] f32; w0, w1, w2 [Out_i, In / 4] uint64 (bf16 weights, four per 8-byte word); out [M, Out]
+    with Out = the rows of the matrices side by side, w0's first (one product: pass its matrix three times and
+    out [M, Out0]). Block = GEMV_ROWS output rows of one matrix (Out0 and Out1 are multiples of GEMV_ROWS):
+    its threads stride over the words, each loading the x values of a word once for all GEMV_ROWS rows, so
+    every thread has GEMV_ROWS 8-byte loads in flight; then one shared-memory tree sums all rows at once."""
     tid = cuda.threadIdx.x
-    M = x.shape[0]
-    P = w.shape[1]
-    part = cuda.shared.array((GEMV_MAX_M, THREADS), float32)
-    for m in range(M):
-        acc = float32(0.0)
-        i = tid
-        while i + 3 * THREADS < P:
-            w0, w1, w2, w3 = w[o, i], w[o, i + THREADS], w[o, i + 2 * THREADS], w[o, i + 3 * THREADS]
-            acc += (_dot_pair(x, m, i, w0) + _dot_pair(x, m, i + THREADS, w1)) + \
-                (_dot_pair(x, m, i + 2 * THREADS, w2) + _dot_pair(x, m, i + 3 * THREADS, w3))
-            i += 4 * THREADS
-        while i < P:
-            acc += _dot_pair(x, m, i, w[o, i])
-            i += THREADS
-        part[m, tid] = acc
-    cuda.syncthreads()
-    step = THREADS // 2
-    while step > 0:
-        if tid < step:
-            for m in range(M):
-                part[m, tid] += part[m, tid + step]
+    first = cuda.blockIdx.x * GEMV_ROWS
+    n0, n1 = w0.shape[0], w1.shape[0]
+    w, r = (w0, first) if first < n0 else (w1, first - n0) if first < n0 + n1 else (w2, first - n0 - n1)
+    left = out.shape[1] - first  # (this Numba's CUDA target types no `min`, of ints or floats)
+    rows = left if left < GEMV_ROWS else GEMV_ROWS
+    last = r + rows - 1  # rows past the end (the last block of an Out not a multiple of GEMV_ROWS) read this one
+    r1, r2, r3 = (r + 1 if rows > 1 else last), (r + 2 if rows > 2 else last), (r + 3 if rows > 3 else last)
+    part = cuda.shared.array((GEMV_ROWS, THREADS), float32)
+    for m in range(x.shape[0]):
+        a0, a1, a2, a3 = float32(0.0), float32(0.0), float32(0.0), float32(0.0)
+        for j in range(tid, w.shape[1], THREADS):
+            x0, x1, x2, x3 = x[m, 4 * j], x[m, 4 * j + 1], x[m, 4 * j + 2], x[m, 4 * j + 3]
+            u0, u1, u2, u3 = w[r, j], w[r1, j], w[r2, j], w[r3, j]
+            a0 += _dot_quad(u0, x0, x1, x2, x3)
+            a1 += _dot_quad(u1, x0, x1, x2, x3)
+            a2 += _dot_quad(u2, x0, x1, x2, x3)
+            a3 += _dot_quad(u3, x0, x1, x2, x3)
+        part[0, tid], part[1, tid], part[2, tid], part[3, tid] = a0, a1, a2, a3
         cuda.syncthreads()
-        step //= 2
-    if tid == 0:
-        for m in range(M):
-            out[m, o] = part[m, 0]
+        step = THREADS // 2
+        while step > 0:
+            if tid < step:
+                for i in range(GEMV_ROWS):
+                    part[i, tid] += part[i, tid + step]
+            cuda.syncthreads()
+            step //= 2
+        if tid < rows:
+            out[m, first + tid] = part[tid, 0]
+        cuda.syncthreads()  # part is read before the next row of x overwrites it
 
 
 @cuda.jit(device=True)
@@ -140,19 +150,24 @@ def _exp_minus_max(row, red):
     return top, _block_reduce(red, False)
 
 
+@cuda.jit(device=True)
+def _inv_rms(row, eps, red):
+    """row [N], strided over by the block's threads -> (mean(row^2) + eps)^-0.5 to every thread."""
+    tid = cuda.threadIdx.x
+    acc = float32(0.0)
+    for i in range(tid, row.shape[0], THREADS):
+        acc += row[i] * row[i]
+    red[tid] = acc
+    return float32(1.0) / math.sqrt(_block_reduce(red, False) / float32(row.shape[0]) + eps)
+
+
 @cuda.jit
 def _rms_norm(x, w, eps, out):
     """x [R, N] -> out [R, N] = x * (mean(x^2) + eps)^-0.5 * w. Block = one row."""
     r = cuda.blockIdx.x
-    tid = cuda.threadIdx.x
-    N = x.shape[1]
-    part = cuda.shared.array(THREADS, float32)
-    acc = float32(0.0)
-    for i in range(tid, N, THREADS):
-        acc += x[r, i] * x[r, i]
-    part[tid] = acc
-    inv = float32(1.0) / math.sqrt(_block_reduce(part, False) / float32(N) + eps)
-    for i in range(tid, N, THREADS):
+    red = cuda.shared.array(THREADS, float32)
+    inv = _inv_rms(x[r], eps, red)
+    for i in range(cuda.threadIdx.x, x.shape[1], THREADS):
         out[r, i] = x[r, i] * inv * w[i]
 
 
@@ -187,42 +202,162 @@ def _dot4(a, b, n):
     return (a0 + a1) + (a2 + a3)
 
 
+@cuda.jit(device=True)
+def _score_keys(q, k, kh, mask, lo, hi, scores, red):
+    """q [Dh] against keys lo..hi-1 of k [>= hi, K, Dh] (KV head kh), by the whole block: every thread scores
+    its keys (mask[s] true: visible; masked ones -inf, whose exp is 0) into scores[s], then the row turns into
+    exp(score - max) (`_exp_minus_max`) -> (max, sum) to every thread. red: the block's [THREADS] scratch."""
+    for s in range(lo + cuda.threadIdx.x, hi, THREADS):
+        scores[s] = _dot4(q, k[s, kh], q.shape[0]) if mask[s] else float32(-math.inf)
+    return _exp_minus_max(scores[lo:hi], red)
+
+
+@cuda.jit(device=True)
+def _weighted_values(scores, v, kh, lo, hi, i):
+    """sum over keys s in lo..hi-1 of scores[s] * v[s, kh, i]: four keys a step, four loads in flight (the
+    loop is latency-bound)."""
+    a0, a1, a2, a3 = float32(0.0), float32(0.0), float32(0.0), float32(0.0)
+    s = lo
+    while s + 3 < hi:
+        a0 += scores[s] * v[s, kh, i]
+        a1 += scores[s + 1] * v[s + 1, kh, i]
+        a2 += scores[s + 2] * v[s + 2, kh, i]
+        a3 += scores[s + 3] * v[s + 3, kh, i]
+        s += 4
+    while s < hi:
+        a0 += scores[s] * v[s, kh, i]
+        s += 1
+    return (a0 + a1) + (a2 + a3)
+
+
+@cuda.jit(device=True)
+def _mean_value(v, kh, n, i):
+    """The mean of v[0..n-1, kh, i]: what a query that sees no key gets, as in ref and HF."""
+    acc = float32(0.0)
+    for s in range(n):
+        acc += v[s, kh, i]
+    return acc / float32(n)
+
+
+@cuda.jit(device=True)
+def _attend(q, k, v, kh, mask, S, scores, out, red):
+    """One query q [Dh] over keys 0..S-1 of k, v [>= S, K, Dh] (KV head kh), by the whole block: scores and
+    their exp (`_score_keys`), then each thread owns head dims and sums probability x value over all keys
+    into out [Dh]."""
+    top, total = _score_keys(q, k, kh, mask, 0, S, scores, red)
+    for i in range(cuda.threadIdx.x, q.shape[0], THREADS):
+        out[i] = _mean_value(v, kh, S, i) if top == -math.inf else _weighted_values(scores, v, kh, 0, S, i) / total
+
+
 @cuda.jit
 def _block_attention(q, k, v, mask, scratch, out):
-    """Block = one (b, h, t) query; its threads split the keys. Three steps with block-wide reductions
-    in shared memory: every thread scores its keys (visible ones, from ref's dense mask [B, T, S]) into
-    scratch [B*H*T, S] and the block takes the max; each thread turns its scores into exp(score - max)
-    and the block sums them; then each thread owns head dims and sums probability x value over all keys.
-    A query that sees no key gets the mean of all values, as ref and HF."""
+    """q [B, T, H, Dh], k/v [B, S, K, Dh], ref's dense mask [B, T, S] -> out [B, T, H, Dh]. Block = one
+    (b, h, t) query (`_attend`), its scores in scratch [B*H*T, S]."""
     B, T, H, Dh = q.shape
-    S, K = k.shape[1], k.shape[2]
     pid = cuda.blockIdx.x
-    tid = cuda.threadIdx.x
     b, h, t = pid // (H * T), (pid // T) % H, pid % T
-    kh = h // (H // K)
     red = cuda.shared.array(THREADS, float32)
-    for s in range(tid, S, THREADS):  # masked keys score -inf: exp gives them 0
-        scratch[pid, s] = _dot4(q[b, t, h], k[b, s, kh], Dh) if mask[b, t, s] else float32(-math.inf)
-    top, total = _exp_minus_max(scratch[pid], red)
-    for i in range(tid, Dh, THREADS):
-        acc = float32(0.0)
+    _attend(q[b, t, h], k[b], v[b], h // (H // k.shape[2]), mask[b, t], k.shape[1], scratch[pid], out[b, t, h], red)
+
+
+@cuda.jit
+def _step_attention(q, keys, values, mask, nums, j, scratch, part_m, part_l, part_acc):
+    """A decoding step's attention for one layer, split by keys (as flash-decoding): q [H, Dh] over the first
+    n slots of its cache keys/values [cap, K, Dh], n = nums[2j + 1] (nums: this step's (slot, key count) per
+    cache, on the device, so a captured graph replays it for any step), cut into C = part_m.shape[1] chunks
+    of ceil(n / C) keys; mask [>= n] int32: which slots this layer's kind may see. Block = (head, chunk):
+    its max score -> part_m [H, C], its sum of exp -> part_l, its exp-weighted values -> part_acc [H, C, Dh]
+    (a chunk with no key or none visible: part_m -inf, nothing else written). `_merge_splits` combines them.
+    Scores go to scratch [H, >= n]."""
+    C = part_m.shape[1]
+    h, c = cuda.blockIdx.x // C, cuda.blockIdx.x % C
+    n = nums[2 * j + 1]
+    chunk = (n + C - 1) // C
+    lo = c * chunk
+    hi = lo + chunk if lo + chunk < n else n
+    kh = h // (q.shape[0] // keys.shape[1])
+    red = cuda.shared.array(THREADS, float32)
+    top, total = float32(-math.inf), float32(0.0)
+    if lo < hi:
+        top, total = _score_keys(q[h], keys, kh, mask, lo, hi, scratch[h], red)
+    if cuda.threadIdx.x == 0:
+        part_m[h, c] = top
+    if top == -math.inf:
+        return
+    if cuda.threadIdx.x == 0:
+        part_l[h, c] = total
+    for i in range(cuda.threadIdx.x, q.shape[1], THREADS):
+        part_acc[h, c, i] = _weighted_values(scratch[h], values, kh, lo, hi, i)
+
+
+@cuda.jit
+def _merge_splits(part_m, part_l, part_acc, values, nums, j, out):
+    """_step_attention's chunks -> out [H, Dh]: with M the largest chunk max, sum_c acc_c exp(m_c - M) /
+    sum_c l_c exp(m_c - M) (the online softmax's merge); a head that saw no key gets the mean of the n values.
+    Block = one head; threads own head dims."""
+    h = cuda.blockIdx.x
+    C = part_m.shape[1]
+    kh = h // (out.shape[0] // values.shape[1])
+    top = float32(-math.inf)
+    for c in range(C):
+        top = part_m[h, c] if part_m[h, c] > top else top
+    total = float32(0.0)
+    for c in range(C):
+        if part_m[h, c] != -math.inf:
+            total += part_l[h, c] * math.exp(part_m[h, c] - top)
+    for i in range(cuda.threadIdx.x, out.shape[1], THREADS):
         if top == -math.inf:
-            for s in range(S):
-                acc += v[b, s, kh, i]
-            out[b, t, h, i] = acc / float32(S)
+            out[h, i] = _mean_value(values, kh, nums[2 * j + 1], i)
+            continue
+        acc = float32(0.0)
+        for c in range(C):
+            if part_m[h, c] != -math.inf:
+                acc += part_acc[h, c, i] * math.exp(part_m[h, c] - top)
+        out[h, i] = acc / total
+
+
+@cuda.jit
+def _head_prep(proj, q_w, k_w, cos, sin, heads, kv_heads, v_at, nums, j, eps, q, keys, values):
+    """A decoding step's q, k, v from the token's projections proj [P] (q's heads, then k's, then v's from
+    column v_at; a k_eq_v layer's v_at is k's), as ref.decoder.qkv: q = RoPE(rms_norm(q, q_w)), k likewise
+    with k_w, v = rms_norm(v) unscaled. q -> q [heads, Dh]; k, v -> row nums[2j] (the token's slot) of the
+    cache keys/values [cap, K, Dh]. cos/sin [Dh]: this position's RoPE row (pairs (i, i + Dh/2), as ref's
+    apply_rope). Block = one head: heads + 2 kv_heads blocks (heads alone for a KV-shared layer)."""
+    b = cuda.blockIdx.x
+    Dh = q.shape[1]
+    half = Dh // 2
+    kv = b >= heads
+    is_v = b >= heads + kv_heads
+    at = v_at + (b - heads - kv_heads) * Dh if is_v else b * Dh
+    row = proj[at:at + Dh]
+    w = k_w if kv else q_w
+    red = cuda.shared.array(THREADS, float32)
+    inv = _inv_rms(row, eps, red)
+    slot = nums[2 * j]
+    for i in range(cuda.threadIdx.x, Dh, THREADS):
+        if is_v:
+            values[slot, b - heads - kv_heads, i] = row[i] * inv
+            continue
+        p = i + half if i < half else i - half
+        y, partner = row[i] * inv * w[i], row[p] * inv * w[p]
+        y = y * cos[i] + (-partner if i < half else partner) * sin[i]
+        if kv:
+            keys[slot, b - heads, i] = y
         else:
-            a0, a1, a2, a3 = float32(0.0), float32(0.0), float32(0.0), float32(0.0)
-            s = 0
-            while s + 3 < S:  # four keys a step: four loads in flight, not one (the loop is latency-bound)
-                a0 += scratch[pid, s] * v[b, s, kh, i]
-                a1 += scratch[pid, s + 1] * v[b, s + 1, kh, i]
-                a2 += scratch[pid, s + 2] * v[b, s + 2, kh, i]
-                a3 += scratch[pid, s + 3] * v[b, s + 3, kh, i]
-                s += 4
-            while s < S:
-                a0 += scratch[pid, s] * v[b, s, kh, i]
-                s += 1
-            out[b, t, h, i] = ((a0 + a1) + (a2 + a3)) / total
+            q[b, i] = y
+
+
+@cuda.jit
+def _residual_norm(x, y, y_w, scale, next_w, eps, h):
+    """x, y, h [D], one block: x <- (x + rms_norm(y, y_w)) * scale (ref.decoder's residual steps 3-5; scale 1
+    but at a layer's end), then h <- rms_norm(x, next_w): the next step's input."""
+    red = cuda.shared.array(THREADS, float32)
+    inv = _inv_rms(y, eps, red)
+    for i in range(cuda.threadIdx.x, x.shape[0], THREADS):
+        x[i] = (x[i] + y[i] * inv * y_w[i]) * scale
+    inv = _inv_rms(x, eps, red)  # each thread reads back only the x it wrote
+    for i in range(cuda.threadIdx.x, x.shape[0], THREADS):
+        h[i] = x[i] * inv * next_w[i]
 
 
 @cuda.jit
@@ -283,7 +418,7 @@ _f32 = nt.float32
 # The argument types each kernel is launched with (C-contiguous arrays): what it is compiled for on a GPU,
 # and for sm_90 without one by tests/gpu_ptx_check.py.
 SIGNATURES = {
-    "_gemv_bf16": (_arr(_f32, 2), _arr(nt.uint32, 2), _arr(_f32, 2)),
+    "_gemv_bf16": (_arr(_f32, 2),) + (_arr(nt.uint64, 2),) * 3 + (_arr(_f32, 2),),
     "_rms_norm": (_arr(_f32, 2), _arr(_f32, 1), _f32, _arr(_f32, 2)),
     "_attention": (_arr(_f32, 4), _arr(_f32, 4), _arr(_f32, 4), _arr(nt.int64, 1), _arr(nt.int64, 1),
                    _arr(nt.boolean, 2), _arr(nt.int64, 2), _arr(nt.int64, 2), nt.int64, nt.int64, _arr(_f32, 4)),
@@ -293,6 +428,13 @@ SIGNATURES = {
     "_gelu_mul": (_arr(_f32, 1), _arr(_f32, 1), _arr(_f32, 1)),
     "_upcast": (_arr(nt.uint16, 1), _arr(_f32, 1)),
     "_masked_softmax": (_arr(_f32, 2), _arr(nt.boolean, 3), nt.int64),
+    "_step_attention": (_arr(_f32, 2), _arr(_f32, 3), _arr(_f32, 3), _arr(nt.int32, 1), _arr(nt.int32, 1), nt.int64,
+                        _arr(_f32, 2), _arr(_f32, 2), _arr(_f32, 2), _arr(_f32, 3)),
+    "_merge_splits": (_arr(_f32, 2), _arr(_f32, 2), _arr(_f32, 3), _arr(_f32, 3), _arr(nt.int32, 1), nt.int64,
+                      _arr(_f32, 2)),
+    "_head_prep": (_arr(_f32, 1), _arr(_f32, 1), _arr(_f32, 1), _arr(_f32, 1), _arr(_f32, 1), nt.int64, nt.int64,
+                   nt.int64, _arr(nt.int32, 1), nt.int64, _f32, _arr(_f32, 2), _arr(_f32, 3), _arr(_f32, 3)),
+    "_residual_norm": (_arr(_f32, 1), _arr(_f32, 1), _arr(_f32, 1), _f32, _arr(_f32, 1), _f32, _arr(_f32, 1)),
 }
 
 
@@ -354,8 +496,9 @@ class _Kernel:
 
 
 (gemv_bf16, rms_norm_kernel, query_attention_kernel, block_attention_kernel, rope_kernel, gelu_mul_kernel,
- upcast_kernel, softmax_kernel) = (_Kernel(k) for k in (_gemv_bf16, _rms_norm, _attention, _block_attention, _rope,
-                                                        _gelu_mul, _upcast, _masked_softmax))
+ upcast_kernel, softmax_kernel, step_attention_kernel, merge_splits_kernel, head_prep_kernel, residual_norm_kernel) = (
+    _Kernel(k) for k in (_gemv_bf16, _rms_norm, _attention, _block_attention, _rope, _gelu_mul, _upcast,
+                         _masked_softmax, _step_attention, _merge_splits, _head_prep, _residual_norm))
 
 
 _UPLOADS: dict = {}
@@ -387,9 +530,9 @@ def matmul(x2, w):
     if not isinstance(w, Bf16):
         return x2 @ w.astype(xp.float32).T
     Out, In = w.bits.shape
-    if M <= GEMV_MAX_M and In % 2 == 0:
+    if M <= GEMV_MAX_M and In % 4 == 0:
         out = xp.empty((M, Out), xp.float32)
-        gemv_bf16[Out, THREADS](x2, w.bits.view(xp.uint32), out)
+        gemv(x2, [w], out)
         return out
     rows = max(1, UPCAST_FLOATS // In)  # every matrix of the 12B model but its output table: one block
     if rows >= Out:
@@ -398,6 +541,14 @@ def matmul(x2, w):
     for lo in range(0, Out, rows):
         out[:, lo:lo + rows] = x2 @ upcast(w.bits[lo:lo + rows]).T
     return out
+
+
+def gemv(x2, ws, out):
+    """x2 [M, In] f32, ws: 1-3 Bf16 matrices [Out_i, In] (In a multiple of 4; all but the last Out_i multiples of
+    GEMV_ROWS), out [M, sum Out_i] <- x2 @ w^T of each, side by side, in one launch."""
+    words = [w.bits.view(xp.uint64) for w in ws]
+    words += words[-1:] * (3 - len(words))
+    gemv_bf16[-(-out.shape[1] // GEMV_ROWS), THREADS](x2, *words, out)
 
 
 def upcast(bits):
@@ -526,8 +677,3 @@ def to_device(tree):
     if isinstance(tree, list):
         return [to_device(v) for v in tree]
     return xp.array(tree, dtype=xp.float32)
-
-
-def device_cache(batch: int, max_len: int) -> KVCache:
-    """ref's cache works unchanged on device arrays (NumPy functions dispatch to CuPy)."""
-    return KVCache()

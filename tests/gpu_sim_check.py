@@ -3,6 +3,7 @@ a real GPU. Tiny shapes: the simulator runs every CUDA thread as a Python thread
 
 from __future__ import annotations
 
+import gc
 import sys
 import tempfile
 
@@ -14,7 +15,7 @@ from fast import gpu
 from helpers import multimodal_prompt, synthetic_patches
 from ref.config import FULL, SLIDING, Rope, from_hf_dict, tiny_hf_dict
 from ref.decoder import REF
-from ref.layers import rope_cos_sin, rope_inv_freq
+from ref.layers import attention, rope_cos_sin, rope_inv_freq
 from ref.masks import MaskSpec
 from ref.safetensors_io import Bf16, f32_to_bf16
 from ref.tiny import random_tensors, write_checkpoint
@@ -31,6 +32,74 @@ def check(name, got, want):
     err = float(np.abs(host(got) - want).max() / max(np.abs(want).max(), 1e-30))
     assert err <= TOL, f"{name}: relative error {err:.2e}"
     print(f"ok {name} {err:.1e}")
+
+
+def decode_steps(model, ids, key_ok, new_ids, split):
+    """Prefill ids [1, T] in two chunks (at `split`), then one cached step per id of new_ids -> the logits
+    [1, V] (host) after the prompt and after every step, and the cache."""
+    T, cap = ids.shape[1], model.config.final_logit_softcapping
+    cache = model.new_cache(1, T + len(new_ids))
+    positions = np.where(key_ok, np.cumsum(key_ok, axis=1) - 1, 0)
+    block = np.full((1, T), -1)
+    for part in (slice(0, split), slice(split, T)):
+        h = model.run_decoder(model.embed(ids[:, part]), positions[:, part], key_ok[:, part], block[:, part], cache)
+    out = [host(model.kernels.lm_head(h[:, -1:], model.head, cap))[:, 0]]
+    for j, t in enumerate(new_ids):
+        h = model.run_decoder(model.embed(np.array([[t]])), positions[:, -1:] + 1 + j, np.ones((1, 1), bool),
+                              np.full((1, 1), -1), cache)
+        out.append(host(model.kernels.lm_head(h[:, -1:], model.head, cap))[:, 0])
+    return out, cache
+
+
+def check_step_attention(rng):
+    """The decoding step's attention kernels (split by keys, then merged) against ref.layers.attention, for
+    key counts below, at and above the chunk count (empty chunks), a mask with holes, and one that hides
+    every key (the mean of the values); the cache holds more slots than the n the kernels read."""
+    H, K, Dh, cap, C = 4, 2, 6, 40, gpu.STEP_SPLITS
+    for n, visible in ((2, "holes"), (C, "holes"), (23, "holes"), (23, "none")):
+        q = rng.normal(size=(H, Dh)).astype(np.float32)
+        keys, values = rng.normal(size=(2, cap, K, Dh)).astype(np.float32)
+        mask = (rng.random(cap) < 0.7) if visible == "holes" else np.zeros(cap, bool)
+        mask[0] = visible == "holes"
+        nums = np.array([0, 0, 5, n], np.int32)  # (slot, key count) of two caches; the second is read (j = 1)
+        dev = [gpu.xp.asarray(a) for a in (q, keys, values, mask.astype(np.int32), nums)]
+        scratch, part_m, part_l = gpu.xp.zeros((H, cap), np.float32), *gpu.xp.zeros((2, H, C), np.float32)
+        part_acc, out = gpu.xp.zeros((H, C, Dh), np.float32), gpu.xp.zeros((H, Dh), np.float32)
+        gpu.step_attention_kernel[H * C, gpu.THREADS](*dev[:5], 1, scratch, part_m, part_l, part_acc)
+        gpu.merge_splits_kernel[H, gpu.THREADS](part_m, part_l, part_acc, dev[2], dev[4], 1, out)
+        want = attention(q[None, None], keys[None, :n], values[None, :n], mask[None, None, :n])[0, 0]
+        check(f"step attention n={n} {visible}", out, want)
+
+
+def check_graph_step(rng, d, name, steps, layer_code, **text):
+    """fast/gpu_step.py's step (captured and replayed on a GPU, launch by launch here) against ref: the logits
+    after every step, with a sliding window of 3 (the ring wraps at every step), after a prompt of 20 with
+    left padding prefilled in two chunks (of more than GEMV_MAX_M tokens: the simulator takes ~1 s a GEMV);
+    for the first `layer_code` steps the same through ref's layer code with the GPU kernels (whole_step
+    off)."""
+    hf = tiny_hf_dict(vocab_size=64, sliding_window=3, **text)
+    hf["vision_config"].update(mm_embed_dim=8, output_proj_dims=8, mm_posemb_size=8)
+    hf.update(image_token_id=57, audio_token_id=58, video_token_id=59, boi_token_id=60, eoi_token_id=61,
+              boa_token_id=62, eoa_token_index=63)
+    write_checkpoint(d, hf, random_tensors(hf, 3, "BF16"))
+    peer, model = ref.load_model(d), fast.load_model(d, device="gpu")
+    ids, new_ids = rng.integers(3, 56, (1, 20)), rng.integers(3, 56, steps)
+    key_ok = np.ones((1, 20), bool)
+    key_ok[0, 0] = False
+    want, _ = decode_steps(peer, ids, key_ok, new_ids, 10)
+    handed = []
+    for whole in (True, False) if layer_code else (True,):
+        model.whole_step = whole
+        got, cache = decode_steps(model, ids, key_ok, new_ids if whole else new_ids[:layer_code], 10)
+        if whole:
+            handed = [model._step.fresh, len(model._step._bound)]
+        del cache
+        for i, (g, w) in enumerate(zip(got, want[:len(got)], strict=True)):
+            check(f"{'graph step' if whole else 'layer code'} {name} logits {i}", g, w)
+    # the step ran (its logits were all handed out), one binding for the cache, which goes with it
+    assert model._step.ok and handed == [False, 1], handed
+    gc.collect()
+    assert len(model._step._bound) == 0
 
 
 def main() -> int:
@@ -77,6 +146,15 @@ def main() -> int:
             check(f"query attention {bidir}/{kind}", gpu.query_attention(q, k, v, spec), want)
             check(f"dense attention {bidir}/{kind}", gpu.dense_attention(*map(gpu.xp.asarray, (q, k, v)), spec), want)
 
+    check_step_attention(rng)
+    with tempfile.TemporaryDirectory() as d:  # k_eq_v global layers, a KV-shared layer, GQA; fused GEMVs
+        check_graph_step(rng, d, "shared", 3, 2, hidden_size=16, intermediate_size=24, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, global_head_dim=8,
+                         layer_types=["sliding_attention", "full_attention", "full_attention"], num_kv_shared_layers=1)
+    with tempfile.TemporaryDirectory() as d:  # k of 6 rows: q, k and v one GEMV launch each
+        check_graph_step(rng, d, "unfused", 2, 0, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=6, global_head_dim=6,
+                         attention_k_eq_v=False)
     hf = tiny_hf_dict(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
                       num_key_value_heads=1, head_dim=8, global_head_dim=8, sliding_window=3)
     hf["vision_config"].update(mm_embed_dim=8, output_proj_dims=8, mm_posemb_size=8)

@@ -1,0 +1,223 @@
+"""One cached decoding step of one sequence on the GPU, captured once as a CUDA graph and replayed.
+
+Through ref's layer code a step launched ~25 kernels and CuPy operations per layer, each 15-40 us of Python
+and driver time, while the bench model's weights take ~0.08 ms to read on an H200 (fast/PERFORMANCE.md, "On
+a GPU"). Here a step is ten launches per layer over buffers allocated once (a GEMV for q/k/v, their norms
+and RoPE with the cache write, attention split by keys and its merge, the o GEMV, the residual add with both
+norms, a GEMV for gate/up, GELU x up, the down GEMV, the residual add with the next layer's norm), and the
+output head: recorded once
+per cache by stream capture and replayed as one CUDA graph for every later step. What changes from step
+to step is read by the kernels from the device: the token's embedding (the residual stream's start), each
+cache's slot and key count, the layer kinds' masks and the position's RoPE rows, all uploaded in one copy
+from page-locked memory; the logits come back the same way. The cache's side of a step (slots, masks) is the CPU step's (fast.step.StepPlan), computed on the host.
+
+Under Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1, no CuPy) the same launches run one by one on NumPy
+arrays, which is how CI checks the step against ref; capture and replay need a GPU (and CuPy's launches:
+with FAST_GPU_LAUNCH=numba the steps also run launch by launch).
+"""
+
+from __future__ import annotations
+
+import weakref
+from types import SimpleNamespace
+
+import numpy as np
+
+from ref.safetensors_io import Bf16, to_f32
+
+from . import gpu
+from .cpu import RingKVCache
+from .step import K_EQ_V, N, SHARED, SLOT, StepPlan, _matrices
+
+xp = gpu.xp
+
+
+class DeviceRingCache(RingKVCache):
+    """fast.cpu's preallocated cache (a ring of `window` slots for sliding layers) with K and V on the device;
+    slots and flags stay on the host."""
+
+    xp = gpu.xp
+
+
+def _vector(w, n: int):
+    """A norm weight (Bf16 or float on the device, or None: ones) -> float32 [n] on the device."""
+    return xp.ones(n, xp.float32) if w is None else gpu._dev(to_f32(w), xp.float32).reshape(n)
+
+
+class GpuStep(StepPlan):
+    """The captured step for one model. Call with (x [1, 1, D], positions [1, 1], key_ok, block [1, 1], a
+    DeviceRingCache after its prefill) -> final-normed hidden states [1, 1, D] (a device buffer that the next
+    step overwrites); the logits of that token are already computed (`logits_for`). `usable` says whether
+    the step applies."""
+
+    def __init__(self, cfg, params, head):
+        super().__init__(cfg)
+        self.fresh = False  # the logits buffer holds the last step's token's logits, not yet handed out
+        layer_mats = [[m.weight for m in _matrices(params.layers[i], mode)]
+                      for i, mode in enumerate(self.modes_by_layer)]
+        self.ok = (not cfg.attention_bias and all(s.head_dim % 2 == 0 for s in cfg.layers)
+                   and all(isinstance(w, Bf16) and w.bits.shape[1] % 4 == 0 for w in sum(layer_mats, [head])))
+        if not self.ok:
+            return
+        D, H = cfg.hidden_size, cfg.num_attention_heads
+        self.layers = []
+        for i, spec in enumerate(cfg.layers):
+            p, a, mode = params.layers[i], params.layers[i].self_attn, self.modes_by_layer[i]
+            q, k, v, o, gate, up, down = layer_mats[i]
+            dh, kv = spec.head_dim, spec.num_kv_heads
+            qkv = [q] if mode == SHARED else [q, k] if mode == K_EQ_V else [q, k, v]
+            self.layers.append(SimpleNamespace(
+                qkv=qkv, o=o, gate_up=[gate, up], down=down, dh=dh, kv=kv, heads=H, src=self.own.index(spec.kv_source),
+                kind=self.kinds.index(spec.kind), rope=self.ropes.index((spec.rope, dh)), inter=spec.intermediate_size,
+                blocks=H + (0 if mode == SHARED else 2 * kv), v_at=(H + (0 if mode == K_EQ_V else kv)) * dh,
+                width=sum(w.bits.shape[0] for w in qkv),
+                in_ln=_vector(p.input_layernorm.weight, D), q_norm=_vector(a.q_norm.weight, dh),
+                k_norm=_vector(None if mode == SHARED else a.k_norm.weight, dh),
+                post_attn=_vector(p.post_attention_layernorm.weight, D),
+                pre_ff=_vector(p.pre_feedforward_layernorm.weight, D),
+                post_ff=_vector(p.post_feedforward_layernorm.weight, D),
+                scalar=np.float32(float(to_f32(p.layer_scalar).reshape(-1)[0]))))
+        self.final_norm = _vector(params.norm.weight, D)
+        self.head = head
+        f32 = lambda n: xp.zeros(n, xp.float32)  # noqa: E731
+        self.h, self.y = f32(D), f32(D)  # normed input, sublayer output (the residual stream is per cache: `_bind`)
+        self.proj = f32(max(L.width for L in self.layers))
+        self.q = f32(H * self.head_dim)
+        self.att = f32(H * self.head_dim)
+        self.gu = f32(2 * max(L.inter for L in self.layers))
+        C = gpu.STEP_SPLITS  # attention's key chunks per head: partial max, sum and weighted values
+        self.part_m, self.part_l, self.part_acc = f32(H * C).reshape(H, C), f32(H * C).reshape(H, C), f32(H * C * self.head_dim)
+        self.logits = f32(head.bits.shape[0])
+        self.logits_host = self._host_buffer(head.bits.shape[0], np.float32)  # what each step copies back
+        # Numba's own launcher (FAST_GPU_LAUNCH=numba) queues on its default stream, which a capture on this
+        # stream would not record: steps then run launch by launch, as under the simulator
+        self.stream = xp.cuda.Stream(non_blocking=True) if xp is not np and gpu.LAUNCH == "cupy" else None
+        self._bound = weakref.WeakKeyDictionary()  # cache -> its input buffers, scratch and graph (`_bind`)
+
+    def _host_buffer(self, n: int, dtype) -> np.ndarray:
+        """A host array [n] that the device copies to and from asynchronously, without staging (page-locked
+        memory on a GPU; a copy to or from pageable memory goes through a driver buffer and blocks)."""
+        if xp is np:
+            return np.zeros(n, dtype)
+        return np.frombuffer(xp.cuda.alloc_pinned_memory(n * np.dtype(dtype).itemsize), dtype, n)
+
+    def usable(self, x, cache) -> bool:
+        """One token of one sequence, after a prefill filled every layer's cache."""
+        return (self.ok and x.shape[:2] == (1, 1) and isinstance(cache, DeviceRingCache)
+                and cache.length > 0 and all(i in cache.keys for i in self.own))
+
+    def _bind(self, cache) -> SimpleNamespace:
+        """A cache's step inputs (one int32 buffer on the host and its device copy; views: nums [2 J] = each
+        cache's (slot, key count), masks [kinds, cap] 0/1, cos/sin [ropes, max Dh] and x [D] as float32: the
+        token's embedding, on the device the residual stream the step updates in place), the attention
+        scratch and the graph, made at its first step (its K/V arrays are fixed once the prefill made them)."""
+        b = self._bound.get(cache)
+        if b is not None:
+            return b
+        cap = max(cache.keys[i].shape[1] for i in self.own)
+        J, R, Dh = len(self.own), len(self.ropes), self.head_dim
+        sizes = [2 * J, len(self.kinds) * cap, R * Dh, R * Dh, self.cfg.hidden_size]
+        edges = np.cumsum([0] + sizes)
+        host = self._host_buffer(edges[-1], np.int32)
+        dev = xp.zeros(edges[-1], xp.int32)
+
+        def views(a):
+            return (a[edges[0]:edges[1]], a[edges[1]:edges[2]].reshape(-1, cap),
+                    a[edges[2]:edges[3]].view(np.float32).reshape(R, Dh), a[edges[3]:edges[4]].view(np.float32).reshape(R, Dh),
+                    a[edges[4]:edges[5]].view(np.float32))
+
+        b = SimpleNamespace(host=host, dev=dev, h=views(host), d=views(dev), graph=None,
+                            keys=[cache.keys[i][0] for i in self.own], values=[cache.values[i][0] for i in self.own],
+                            scratch=xp.zeros((self.cfg.num_attention_heads, cap), xp.float32))
+        self._bound[cache] = b
+        return b
+
+    def _launch(self, b) -> None:
+        """Every launch of a step, in order, on the current stream: what the graph records."""
+        T, eps, D = gpu.THREADS, np.float32(self.cfg.rms_norm_eps), self.cfg.hidden_size
+        row = lambda a, n: a[:n].reshape(1, n)  # noqa: E731 - a buffer's first n values as a [1, n] operand
+        nums, masks, cos, sin, x = b.d
+        h2, y2 = self.h.reshape(1, D), self.y.reshape(1, D)
+        gpu.rms_norm_kernel[1, T](x.reshape(1, D), self.layers[0].in_ln, eps, h2)
+        for i, L in enumerate(self.layers):
+            self._gemv(h2, L.qkv, self.proj)
+            H, dh = L.heads, L.dh
+            q, att = self.q[:H * dh].reshape(H, dh), self.att[:H * dh].reshape(H, dh)
+            keys, values = b.keys[L.src], b.values[L.src]
+            gpu.head_prep_kernel[L.blocks, T](self.proj[:L.width], L.q_norm, L.k_norm, cos[L.rope, :dh], sin[L.rope, :dh],
+                                              H, L.kv, L.v_at, nums, L.src, eps, q, keys, values)
+            acc = self.part_acc[:H * gpu.STEP_SPLITS * dh].reshape(H, gpu.STEP_SPLITS, dh)
+            gpu.step_attention_kernel[H * gpu.STEP_SPLITS, T](q, keys, values, masks[L.kind], nums, L.src, b.scratch,
+                                                              self.part_m, self.part_l, acc)
+            gpu.merge_splits_kernel[H, T](self.part_m, self.part_l, acc, values, nums, L.src, att)
+            gpu.gemv(row(self.att, H * dh), [L.o], y2)
+            gpu.residual_norm_kernel[1, T](x, self.y, L.post_attn, np.float32(1.0), L.pre_ff, eps, self.h)
+            self._gemv(h2, L.gate_up, self.gu)
+            g, u = self.gu[:L.inter], self.gu[L.inter:2 * L.inter]
+            gpu.gelu_mul_kernel[min(-(-L.inter // T), 4096), T](g, u, g)
+            gpu.gemv(row(g, L.inter), [L.down], y2)
+            nxt = self.layers[i + 1].in_ln if i + 1 < len(self.layers) else self.final_norm
+            gpu.residual_norm_kernel[1, T](x, self.y, L.post_ff, L.scalar, nxt, eps, self.h)
+        gpu.gemv(h2, [self.head], self.logits.reshape(1, -1))
+        cap = self.cfg.final_logit_softcapping
+        if cap is not None:  # as ref's lm_head: cap * tanh(logits / cap), in place
+            xp.divide(self.logits, np.float32(cap), out=self.logits)
+            xp.tanh(self.logits, out=self.logits)
+            xp.multiply(self.logits, np.float32(cap), out=self.logits)
+
+    def _gemv(self, h2, ws, out) -> None:
+        """The products of ws (side by side into out's first columns): one launch when every matrix but the
+        last has a multiple of GEMV_ROWS rows, else one per matrix."""
+        if all(w.bits.shape[0] % gpu.GEMV_ROWS == 0 for w in ws[:-1]):
+            gpu.gemv(h2, ws, out[:sum(w.bits.shape[0] for w in ws)].reshape(1, -1))
+            return
+        at = 0
+        for w in ws:
+            gpu.gemv(h2, [w], out[at:at + w.bits.shape[0]].reshape(1, -1))
+            at += w.bits.shape[0]
+
+    def __call__(self, x, positions, key_ok, block, cache):
+        """x [1, 1, D]: the token's embedding, on the host (GpuModel.embed's) or the device."""
+        if self.stream is not None and self.fresh:
+            self.stream.synchronize()  # the last step's logits were not taken: its copies may still run
+        _, table, masks = self.bookkeeping(cache, key_ok, block)
+        b = self._bind(cache)
+        nums, mask_rows, cos, sin, embedding = b.h
+        embedding[:] = (x if isinstance(x, np.ndarray) else xp.asnumpy(x)).reshape(-1)
+        nums[0::2], nums[1::2] = table[self.own, SLOT], table[self.own, N]
+        mask_rows[:] = 0
+        mask_rows[:, :masks.shape[1]] = masks
+        cos[:], sin[:] = self.rope_rows(int(np.asarray(positions).reshape(-1)[0]))
+        if self.stream is None:  # launch by launch
+            b.dev[:] = xp.asarray(b.host)
+            self._launch(b)
+        else:
+            # the step's stream is non-blocking: it waits for the work queued before it (the prefill's K/V) and
+            # the stream that queued it waits for the step
+            caller = xp.cuda.get_current_stream()
+            self.stream.wait_event(caller.record())
+            with self.stream:
+                b.dev.set(b.host, self.stream)  # the step's inputs and the embedding: one copy
+                if b.graph is None:  # this cache's first step runs launch by launch, then is recorded
+                    self._launch(b)
+                    self.stream.begin_capture()
+                    self._launch(b)
+                    b.graph = self.stream.end_capture()
+                else:
+                    b.graph.launch(self.stream)
+                self.logits.get(self.stream, out=self.logits_host, blocking=False)  # waited for in logits_for
+            caller.wait_event(self.stream.record())
+        self.fresh = True
+        return self.h.reshape(1, 1, -1)
+
+    def logits_for(self, h, table, cap):
+        """The logits [1, 1, V] (host) of the last step's token, if h is that step's output, table the head and
+        cap the softcapping it ran with and they were not handed out yet; else None."""
+        if not (self.fresh and table is self.head and cap == self.cfg.final_logit_softcapping
+                and h.shape == (1, 1, self.h.size) and gpu._pointer(h) == gpu._pointer(self.h)):
+            return None
+        self.fresh = False
+        if self.stream is None:
+            return (self.logits if xp is np else xp.asnumpy(self.logits)).reshape(1, 1, -1).copy()
+        self.stream.synchronize()
+        return self.logits_host.reshape(1, 1, -1).copy()
