@@ -544,8 +544,15 @@ def matmul(x2, w):
 
 
 def gemv(x2, ws, out):
-    """x2 [M, In] f32, ws: 1-3 Bf16 matrices [Out_i, In] (In a multiple of 4; all but the last Out_i multiples of
-    GEMV_ROWS), out [M, sum Out_i] <- x2 @ w^T of each, side by side, in one launch."""
+    """x2 [M, In] f32, ws: 1-3 Bf16 matrices [Out_i, In] (In a multiple of 4), out [M, sum Out_i] <- x2 @ w^T
+    of each, side by side: one launch when all but the last Out_i are multiples of GEMV_ROWS, else (M = 1)
+    one launch per matrix."""
+    if any(w.bits.shape[0] % GEMV_ROWS for w in ws[:-1]):
+        at = 0
+        for w in ws:
+            gemv(x2, [w], out[0, at:at + w.bits.shape[0]].reshape(1, -1))
+            at += w.bits.shape[0]
+        return
     words = [w.bits.view(xp.uint64) for w in ws]
     words += words[-1:] * (3 - len(words))
     gemv_bf16[-(-out.shape[1] // GEMV_ROWS), THREADS](x2, *words, out)

@@ -41,7 +41,7 @@ class DeviceRingCache(RingKVCache):
 
 def _vector(w, n: int):
     """A norm weight (Bf16 or float on the device, or None: ones) -> float32 [n] on the device."""
-    return xp.ones(n, xp.float32) if w is None else gpu._dev(to_f32(w), xp.float32).reshape(n)
+    return gpu._ones(n) if w is None else gpu._dev(to_f32(w), xp.float32).reshape(n)
 
 
 class GpuStep(StepPlan):
@@ -140,7 +140,7 @@ class GpuStep(StepPlan):
         h2, y2 = self.h.reshape(1, D), self.y.reshape(1, D)
         gpu.rms_norm_kernel[1, T](x.reshape(1, D), self.layers[0].in_ln, eps, h2)
         for i, L in enumerate(self.layers):
-            self._gemv(h2, L.qkv, self.proj)
+            gpu.gemv(h2, L.qkv, row(self.proj, L.width))
             H, dh = L.heads, L.dh
             q, att = self.q[:H * dh].reshape(H, dh), self.att[:H * dh].reshape(H, dh)
             keys, values = b.keys[L.src], b.values[L.src]
@@ -152,7 +152,7 @@ class GpuStep(StepPlan):
             gpu.merge_splits_kernel[H, T](self.part_m, self.part_l, acc, values, nums, L.src, att)
             gpu.gemv(row(self.att, H * dh), [L.o], y2)
             gpu.residual_norm_kernel[1, T](x, self.y, L.post_attn, np.float32(1.0), L.pre_ff, eps, self.h)
-            self._gemv(h2, L.gate_up, self.gu)
+            gpu.gemv(h2, L.gate_up, row(self.gu, 2 * L.inter))
             g, u = self.gu[:L.inter], self.gu[L.inter:2 * L.inter]
             gpu.gelu_mul_kernel[min(-(-L.inter // T), 4096), T](g, u, g)
             gpu.gemv(row(g, L.inter), [L.down], y2)
@@ -165,17 +165,6 @@ class GpuStep(StepPlan):
             xp.tanh(self.logits, out=self.logits)
             xp.multiply(self.logits, np.float32(cap), out=self.logits)
 
-    def _gemv(self, h2, ws, out) -> None:
-        """The products of ws (side by side into out's first columns): one launch when every matrix but the
-        last has a multiple of GEMV_ROWS rows, else one per matrix."""
-        if all(w.bits.shape[0] % gpu.GEMV_ROWS == 0 for w in ws[:-1]):
-            gpu.gemv(h2, ws, out[:sum(w.bits.shape[0] for w in ws)].reshape(1, -1))
-            return
-        at = 0
-        for w in ws:
-            gpu.gemv(h2, [w], out[at:at + w.bits.shape[0]].reshape(1, -1))
-            at += w.bits.shape[0]
-
     def __call__(self, x, positions, key_ok, block, cache):
         """x [1, 1, D]: the token's embedding, on the host (GpuModel.embed's) or the device."""
         if self.stream is not None and self.fresh:
@@ -185,8 +174,7 @@ class GpuStep(StepPlan):
         nums, mask_rows, cos, sin, embedding = b.h
         embedding[:] = (x if isinstance(x, np.ndarray) else xp.asnumpy(x)).reshape(-1)
         nums[0::2], nums[1::2] = table[self.own, SLOT], table[self.own, N]
-        mask_rows[:] = 0
-        mask_rows[:, :masks.shape[1]] = masks
+        mask_rows[:, :masks.shape[1]] = masks  # kernels read slots < n only: what lies past them does not matter
         cos[:], sin[:] = self.rope_rows(int(np.asarray(positions).reshape(-1)[0]))
         if self.stream is None:  # launch by launch
             b.dev[:] = xp.asarray(b.host)

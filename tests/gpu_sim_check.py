@@ -12,7 +12,7 @@ import numpy as np
 import fast
 import ref
 from fast import gpu
-from helpers import multimodal_prompt, synthetic_patches
+from helpers import cached_steps, multimodal_prompt, synthetic_patches
 from ref.config import FULL, SLIDING, Rope, from_hf_dict, tiny_hf_dict
 from ref.decoder import REF
 from ref.layers import attention, rope_cos_sin, rope_inv_freq
@@ -35,20 +35,11 @@ def check(name, got, want):
 
 
 def decode_steps(model, ids, key_ok, new_ids, split):
-    """Prefill ids [1, T] in two chunks (at `split`), then one cached step per id of new_ids -> the logits
-    [1, V] (host) after the prompt and after every step, and the cache."""
-    T, cap = ids.shape[1], model.config.final_logit_softcapping
-    cache = model.new_cache(1, T + len(new_ids))
-    positions = np.where(key_ok, np.cumsum(key_ok, axis=1) - 1, 0)
-    block = np.full((1, T), -1)
-    for part in (slice(0, split), slice(split, T)):
-        h = model.run_decoder(model.embed(ids[:, part]), positions[:, part], key_ok[:, part], block[:, part], cache)
-    out = [host(model.kernels.lm_head(h[:, -1:], model.head, cap))[:, 0]]
-    for j, t in enumerate(new_ids):
-        h = model.run_decoder(model.embed(np.array([[t]])), positions[:, -1:] + 1 + j, np.ones((1, 1), bool),
-                              np.full((1, 1), -1), cache)
-        out.append(host(model.kernels.lm_head(h[:, -1:], model.head, cap))[:, 0])
-    return out, cache
+    """helpers.cached_steps with the logits [1, V] (host) of each output, taken at once: the graph step's
+    output buffer is the next step's too."""
+    cap = model.config.final_logit_softcapping
+    return cached_steps(model, model.run_decoder, ids, key_ok, np.full(ids.shape, -1), new_ids, split,
+                        lambda h: host(model.kernels.lm_head(h[:, -1:], model.head, cap))[:, 0])
 
 
 def check_step_attention(rng):

@@ -95,3 +95,21 @@ def attention_case(batch, t, past, heads, dh, window, kind, bidir, pad, seed):
     block = np.full((batch, S), -1)
     block[:, S // 3: S // 3 + 4] = 0
     return q, k, v, MaskSpec(cfg, kind, np.arange(past, S), np.arange(S), key_ok, block[:, past:], block)
+
+
+def cached_steps(model, run, ids, key_ok, block, new_ids, split=None, each=None):
+    """Prefill ids [1, T] (key_ok, block [1, T]) through `run` (a run_decoder), in two chunks at `split` if
+    given, then one cached step per id of new_ids -> (`each` of the hidden states [1, 1, D] after the prompt
+    (its last position) and after every step, the cache). `each` runs right after each call (default: keep
+    the array), for outputs that the next step overwrites."""
+    each = each or (lambda h: h)
+    T = ids.shape[1]
+    cache = model.new_cache(1, T + len(new_ids))
+    positions = np.where(key_ok, np.cumsum(key_ok, axis=1) - 1, 0)
+    for part in [slice(0, T)] if split is None else [slice(0, split), slice(split, T)]:
+        h = run(model.embed(ids[:, part]), positions[:, part], key_ok[:, part], block[:, part], cache)
+    out = [each(h[:, -1:])]
+    for j, t in enumerate(new_ids):
+        out.append(each(run(model.embed(np.array([[t]])), positions[:, -1:] + 1 + j, np.ones((1, 1), bool),
+                            np.full((1, 1), -1), cache)))
+    return out, cache

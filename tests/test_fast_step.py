@@ -18,20 +18,13 @@ from ref.layers import rope_cos_sin
 from ref.model import Model
 from ref.tiny import random_tensors, write_checkpoint
 
-from helpers import count_step_calls
+from helpers import cached_steps, count_step_calls
 
 
 def _steps(model, run, ids, new_ids, key_ok, block) -> list[np.ndarray]:
     """Prefill ids [1, T], then one cached step per id of new_ids, each through `run` (a run_decoder) ->
     the final-normed hidden state of every step [1, 1, D] (prefill's last position first)."""
-    T = ids.shape[1]
-    cache = model.new_cache(1, T + len(new_ids))
-    positions = np.where(key_ok, np.cumsum(key_ok, axis=1) - 1, 0)
-    out = [run(model.embed(ids), positions, key_ok, block, cache)[:, -1:]]
-    for j, t in enumerate(new_ids):
-        pos = positions[:, -1:] + 1 + j
-        out.append(run(model.embed(np.array([[t]])), pos, np.ones((1, 1), bool), np.full((1, 1), -1), cache))
-    return out
+    return cached_steps(model, run, ids, key_ok, block, new_ids)[0]
 
 
 configs = st.fixed_dictionaries({
