@@ -10,6 +10,7 @@ KV cache differ, and on the CPU a prompt of one sequence runs with the tokens al
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import time
 from pathlib import Path
 
@@ -86,6 +87,21 @@ class GpuModel(Model):
             gpu.to_device(self.tensors["lm_head.weight"])
         self._step = None  # fast.gpu_step.GpuStep, built at the first cached step
         self.whole_step = True  # False: decoding steps run ref's layer code with the GPU kernels, call by call
+        self.speculate = True  # greedy generate of one sequence: each step queued before the last one's token is back
+        self._greedy = False  # inside such a generate (its cache speculates)
+
+    def generate(self, *args, **kwargs):
+        """Model.generate. Greedy decoding of one sequence with whole steps runs each step ahead on the token
+        the device chose (fast/gpu_step.py: speculated steps), so the GPU need not wait for the host between
+        tokens; the tokens are the same."""
+        call = inspect.signature(Model.generate).bind(self, *args, **kwargs)
+        call.apply_defaults()
+        a = call.arguments
+        self._greedy = self.speculate and not a["temperature"] and np.shape(a["input_ids"])[0] == 1
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            self._greedy = False
 
     @property
     def decoder_params(self):
@@ -98,7 +114,9 @@ class GpuModel(Model):
     def new_cache(self, batch: int, max_len: int):
         from .gpu_step import DeviceRingCache
 
-        return DeviceRingCache(batch, max_len)
+        cache = DeviceRingCache(batch, max_len)
+        cache.speculate = self._greedy
+        return cache
 
     def run_decoder(self, x, positions, key_ok, block, cache=None, trace=None):
         """ref's decoder, except that a cached step of one token of one sequence runs as fast/gpu_step.py's
@@ -107,7 +125,7 @@ class GpuModel(Model):
             if self._step is None:
                 from .gpu_step import GpuStep
 
-                self._step = GpuStep(self.config, self.decoder_params, self.head)
+                self._step = GpuStep(self.config, self.decoder_params, self.head, self.embed)
             if self._step.usable(x, cache):
                 return self._step(x, positions, key_ok, block, cache)
         return super().run_decoder(self._gpu.xp.asarray(x), positions, key_ok, block, cache, trace)

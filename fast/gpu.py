@@ -28,7 +28,7 @@ import os
 import re
 
 import numpy as np
-from numba import cuda, float32, int32, uint32, uint64
+from numba import cuda, float32, int32, int64, uint16, uint32, uint64
 from numba import types as nt
 
 from ref.decoder import Kernels
@@ -49,19 +49,55 @@ else:
 
 LAUNCH = "numba" if SIMULATED else os.environ.get("FAST_GPU_LAUNCH", "cupy")
 THREADS = 4 if SIMULATED else 128  # threads per block (the simulator runs each as a Python thread)
+WIDE = 8 if SIMULATED else 1024  # threads of a kernel that runs as one block or few (a power of 2, >= THREADS)
 GEMV_MAX_M = 8
 GEMV_ROWS = 4  # output rows per GEMV block (the kernel's four accumulators)
 STEP_SPLITS = 4 if SIMULATED else 32  # key chunks per head in a decoding step's attention (`_step_attention`)
-UPCAST_FLOATS = 1 << 26  # float32 weights (256 MB) upcast at a time for one cuBLAS product
+ARGMAX_BLOCKS = 2 if SIMULATED else 128  # blocks of a step's greedy selection over the vocabulary
+UPCAST_FLOATS = 1 << 26  # float32 values (256 MB) of upcast weights, or of split products, at a time
+# A prompt's products: "split" (x as three bf16 through bf16 tensor-core GEMMs, `split_product`) or "f32"
+# (the weights upcast, cuBLAS sgemm); on an H200 at the 12B model's shapes split took 0.25-0.36x the time
+GEMM = os.environ.get("FAST_GPU_GEMM", "split")
+if GEMM not in ("split", "f32"):
+    raise ValueError(f"FAST_GPU_GEMM={GEMM!r}: use 'split' or 'f32'")
 
 if SIMULATED:
     @cuda.jit(device=True)
     def as_f32(bits):
         return np.uint32(bits).view(np.float32)
+
+    @cuda.jit(device=True)
+    def f32_bits(v):
+        return np.float32(v).view(np.uint32)
 else:
     @cuda.jit(device=True, inline=True)
     def as_f32(bits):
         return cuda.libdevice.int_as_float(int32(bits))
+
+    @cuda.jit(device=True, inline=True)
+    def f32_bits(v):
+        return uint32(cuda.libdevice.float_as_int(v))
+
+
+@cuda.jit(device=True, inline=True)
+def _bf16_nearest(v):
+    """float32 v -> (the bf16 nearest to v, ties to even, as its 16 bits; that bf16 as a float32). Finite
+    v only (past the largest bf16 it rounds to infinity)."""
+    u = f32_bits(v)
+    top = (u + uint32(0x7FFF) + ((u >> uint32(16)) & uint32(1))) >> uint32(16)
+    return top, as_f32(top << uint32(16))
+
+
+@cuda.jit(device=True, inline=True)
+def _split3(v, parts, i, j):
+    """Writes float32 v as three bf16 whose sum is v exactly: parts[0, i, j] = v rounded to bf16,
+    parts[1, i, j] = what is left rounded, parts[2, i, j] = the rest (24 significand bits in 8 + 8 + 8;
+    each remainder is exact in float32). Exact for |v| >= 2^-100; below, what the parts miss is under 2^-126."""
+    a, fa = _bf16_nearest(v)
+    r = v - fa
+    b, fb = _bf16_nearest(r)
+    c, _ = _bf16_nearest(r - fb)
+    parts[0, i, j], parts[1, i, j], parts[2, i, j] = uint16(a), uint16(b), uint16(c)
 
 
 @cuda.jit(device=True, inline=True)
@@ -113,12 +149,12 @@ def _gemv_bf16(x, w0, w1, w2, out):
 
 @cuda.jit(device=True)
 def _block_reduce(red, take_max):
-    """Every thread of the block has put its value in red[tid] (shared, [THREADS]) -> the block's sum,
+    """Every thread of the block has put its value in red[tid] (shared, [>= threads]) -> the block's sum,
     or max, for every thread. A tree in shared memory; all threads must call it; red is free again
     when it returns."""
     tid = cuda.threadIdx.x
     cuda.syncthreads()
-    step = THREADS // 2
+    step = cuda.blockDim.x // 2
     while step > 0:
         if tid < step:
             a, b = red[tid], red[tid + step]
@@ -137,12 +173,12 @@ def _exp_minus_max(row, red):
     max -inf (its values turn NaN: the caller tests the max). red: the block's [THREADS] shared scratch."""
     tid = cuda.threadIdx.x
     top = float32(-math.inf)
-    for j in range(tid, row.shape[0], THREADS):
+    for j in range(tid, row.shape[0], cuda.blockDim.x):
         top = row[j] if row[j] > top else top
     red[tid] = top
     top = _block_reduce(red, True)
     total = float32(0.0)
-    for j in range(tid, row.shape[0], THREADS):
+    for j in range(tid, row.shape[0], cuda.blockDim.x):
         p = math.exp(row[j] - top)
         row[j] = p
         total += p
@@ -155,7 +191,7 @@ def _inv_rms(row, eps, red):
     """row [N], strided over by the block's threads -> (mean(row^2) + eps)^-0.5 to every thread."""
     tid = cuda.threadIdx.x
     acc = float32(0.0)
-    for i in range(tid, row.shape[0], THREADS):
+    for i in range(tid, row.shape[0], cuda.blockDim.x):
         acc += row[i] * row[i]
     red[tid] = acc
     return float32(1.0) / math.sqrt(_block_reduce(red, False) / float32(row.shape[0]) + eps)
@@ -165,9 +201,9 @@ def _inv_rms(row, eps, red):
 def _rms_norm(x, w, eps, out):
     """x [R, N] -> out [R, N] = x * (mean(x^2) + eps)^-0.5 * w. Block = one row."""
     r = cuda.blockIdx.x
-    red = cuda.shared.array(THREADS, float32)
+    red = cuda.shared.array(WIDE, float32)
     inv = _inv_rms(x[r], eps, red)
-    for i in range(cuda.threadIdx.x, x.shape[1], THREADS):
+    for i in range(cuda.threadIdx.x, x.shape[1], cuda.blockDim.x):
         out[r, i] = x[r, i] * inv * w[i]
 
 
@@ -294,26 +330,44 @@ def _step_attention(q, keys, values, mask, nums, j, scratch, part_m, part_l, par
 def _merge_splits(part_m, part_l, part_acc, values, nums, j, out):
     """_step_attention's chunks -> out [H, Dh]: with M the largest chunk max, sum_c acc_c exp(m_c - M) /
     sum_c l_c exp(m_c - M) (the online softmax's merge); a head that saw no key gets the mean of the n values.
-    Block = one head; threads own head dims."""
-    h = cuda.blockIdx.x
-    C = part_m.shape[1]
-    kh = h // (out.shape[0] // values.shape[1])
+    Block = one head, launched with WIDE threads: with at least Dh of them, thread (g, i) sums head dim i
+    over chunks g, g + G, ... (G = threads // Dh groups), then group 0 adds the G partial sums; with fewer,
+    each thread sums whole head dims."""
+    h, tid, nt = cuda.blockIdx.x, cuda.threadIdx.x, cuda.blockDim.x
+    C, Dh = part_m.shape[1], out.shape[1]
     top = float32(-math.inf)
     for c in range(C):
         top = part_m[h, c] if part_m[h, c] > top else top
+    if top == -math.inf:
+        for i in range(tid, Dh, nt):
+            out[h, i] = _mean_value(values, h // (out.shape[0] // values.shape[1]), nums[2 * j + 1], i)
+        return
+    scale = cuda.shared.array(STEP_SPLITS, float32)  # exp(m_c - M); 0 for a chunk that wrote nothing
+    for c in range(tid, C, nt):
+        scale[c] = math.exp(part_m[h, c] - top) if part_m[h, c] != -math.inf else float32(0.0)
+    cuda.syncthreads()
     total = float32(0.0)
     for c in range(C):
-        if part_m[h, c] != -math.inf:
-            total += part_l[h, c] * math.exp(part_m[h, c] - top)
-    for i in range(cuda.threadIdx.x, out.shape[1], THREADS):
-        if top == -math.inf:
-            out[h, i] = _mean_value(values, kh, nums[2 * j + 1], i)
-            continue
+        if scale[c] > 0:
+            total += part_l[h, c] * scale[c]
+    groups, g, first, stride = (nt // Dh, tid // Dh, tid % Dh, Dh) if nt >= Dh else (1, 0, tid, nt)
+    partial = cuda.shared.array(WIDE, float32)  # [groups, Dh]
+    for i in range(first, Dh if g < groups else 0, stride):  # threads past the last group have no head dim
         acc = float32(0.0)
-        for c in range(C):
-            if part_m[h, c] != -math.inf:
-                acc += part_acc[h, c, i] * math.exp(part_m[h, c] - top)
-        out[h, i] = acc / total
+        for c in range(g, C, groups):
+            if scale[c] > 0:
+                acc += part_acc[h, c, i] * scale[c]
+        if groups == 1:
+            out[h, i] = acc / total
+        else:
+            partial[g * Dh + i] = acc
+    if groups > 1:
+        cuda.syncthreads()
+        if g == 0:
+            acc = float32(0.0)
+            for k in range(groups):
+                acc += partial[k * Dh + first]
+            out[h, first] = acc / total
 
 
 @cuda.jit
@@ -350,13 +404,13 @@ def _head_prep(proj, q_w, k_w, cos, sin, heads, kv_heads, v_at, nums, j, eps, q,
 @cuda.jit
 def _residual_norm(x, y, y_w, scale, next_w, eps, h):
     """x, y, h [D], one block: x <- (x + rms_norm(y, y_w)) * scale (ref.decoder's residual steps 3-5; scale 1
-    but at a layer's end), then h <- rms_norm(x, next_w): the next step's input."""
-    red = cuda.shared.array(THREADS, float32)
+    but at a layer's end), then h <- rms_norm(x, next_w): the next step's input. Launched with WIDE threads."""
+    red = cuda.shared.array(WIDE, float32)
     inv = _inv_rms(y, eps, red)
-    for i in range(cuda.threadIdx.x, x.shape[0], THREADS):
+    for i in range(cuda.threadIdx.x, x.shape[0], cuda.blockDim.x):
         x[i] = (x[i] + y[i] * inv * y_w[i]) * scale
     inv = _inv_rms(x, eps, red)  # each thread reads back only the x it wrote
-    for i in range(cuda.threadIdx.x, x.shape[0], THREADS):
+    for i in range(cuda.threadIdx.x, x.shape[0], cuda.blockDim.x):
         h[i] = x[i] * inv * next_w[i]
 
 
@@ -400,6 +454,93 @@ def _upcast(bits, out):
 
 
 @cuda.jit
+def _split_rows(x, parts):
+    """x [M, K] float32 -> parts [3, M, K] uint16: x as the sum of three bf16 (`_split3`). Grid-stride."""
+    K = x.shape[1]
+    for j in range(cuda.grid(1), x.size, cuda.gridsize(1)):
+        _split3(x[j // K, j % K], parts, j // K, j % K)
+
+
+@cuda.jit
+def _embed_token(nums, at, token, table, scale, pad, image, video, audio, x):
+    """If nums[at] is 1: x [D] <- row token[0] of the embedding table [V, D] (bf16 bits) times scale, as
+    ref.embedders.embed_inputs embeds a text token (a media placeholder id embeds as pad). Else nothing
+    (x was uploaded). Grid-stride."""
+    if nums[at] == 0:
+        return
+    t = token[0]
+    if t == image or t == video or t == audio:
+        t = pad
+    for i in range(cuda.grid(1), x.shape[0], cuda.gridsize(1)):
+        x[i] = as_f32(uint32(table[t, i]) << uint32(16)) * scale
+
+
+@cuda.jit(device=True, inline=True)
+def _beats(v, i, best, at):
+    """Whether value v at index i comes before (best, at) in np.argmax's order: NaN first (the first NaN
+    wins), then the larger value, then the lower index."""
+    if best != best:
+        return v != v and i < at
+    return v != v or v > best or (v == best and i < at)
+
+
+@cuda.jit(device=True)
+def _argmax_block(v, i, red_v, red_i):
+    """Each thread's (value, index) -> the block's first in `_beats` order, to every thread. red_v, red_i:
+    shared [>= threads] scratch."""
+    tid = cuda.threadIdx.x
+    red_v[tid], red_i[tid] = v, i
+    cuda.syncthreads()
+    step = cuda.blockDim.x // 2
+    while step > 0:
+        if tid < step and _beats(red_v[tid + step], red_i[tid + step], red_v[tid], red_i[tid]):
+            red_v[tid], red_i[tid] = red_v[tid + step], red_i[tid + step]
+        cuda.syncthreads()
+        step //= 2
+    return red_v[0], red_i[0]
+
+
+@cuda.jit
+def _argmax_parts(logits, suppress, part_v, part_i):
+    """Greedy selection's first half, as ref.generate.select with temperature 0: logits [V] with the ids
+    where suppress [V] is 1 taken as -inf -> each block's first maximum (`_beats`) over its grid-stride
+    share -> part_v, part_i [blocks]."""
+    best, at = float32(-math.inf), int64(logits.shape[0])
+    for j in range(cuda.grid(1), logits.shape[0], cuda.gridsize(1)):
+        v = float32(-math.inf) if suppress[j] else logits[j]
+        if _beats(v, j, best, at):
+            best, at = v, int64(j)
+    red_v = cuda.shared.array(THREADS, float32)  # (on lines of their own: the simulator tells shared arrays
+    red_i = cuda.shared.array(THREADS, int64)  # apart by the line that makes them)
+    best, at = _argmax_block(best, at, red_v, red_i)
+    if cuda.threadIdx.x == 0:
+        part_v[cuda.blockIdx.x], part_i[cuda.blockIdx.x] = best, at
+
+
+@cuda.jit
+def _argmax_final(part_v, part_i, token):
+    """`_argmax_parts`'s blocks -> token [1] int32: the first maximum over all. One block."""
+    best, at = float32(-math.inf), int64(1 << 62)
+    for j in range(cuda.threadIdx.x, part_v.shape[0], cuda.blockDim.x):
+        if _beats(part_v[j], part_i[j], best, at):
+            best, at = part_v[j], part_i[j]
+    red_v = cuda.shared.array(THREADS, float32)  # (on lines of their own: the simulator tells shared arrays
+    red_i = cuda.shared.array(THREADS, int64)  # apart by the line that makes them)
+    best, at = _argmax_block(best, at, red_v, red_i)
+    if cuda.threadIdx.x == 0:
+        token[0] = int32(at)
+
+
+@cuda.jit
+def _sum_parts(parts, out):
+    """parts [3, M, N] -> out [M, N] = (parts[0] + parts[1]) + parts[2]. Grid-stride."""
+    N = out.shape[1]
+    for j in range(cuda.grid(1), out.size, cuda.gridsize(1)):
+        r, c = j // N, j % N
+        out[r, c] = (parts[0, r, c] + parts[1, r, c]) + parts[2, r, c]
+
+
+@cuda.jit
 def _gelu_mul(g, u, out):
     """g, u, out [n] -> out = gelu_tanh(g) * u (ref.layers.gelu_tanh's formula, float32). Grid-stride."""
     c = float32(math.sqrt(2.0 / math.pi))
@@ -434,6 +575,12 @@ SIGNATURES = {
                       _arr(_f32, 2)),
     "_head_prep": (_arr(_f32, 1), _arr(_f32, 1), _arr(_f32, 1), _arr(_f32, 1), _arr(_f32, 1), nt.int64, nt.int64,
                    nt.int64, _arr(nt.int32, 1), nt.int64, _f32, _arr(_f32, 2), _arr(_f32, 3), _arr(_f32, 3)),
+    "_split_rows": (_arr(_f32, 2), _arr(nt.uint16, 3)),
+    "_sum_parts": (_arr(_f32, 3), _arr(_f32, 2)),
+    "_embed_token": (_arr(nt.int32, 1), nt.int64, _arr(nt.int32, 1), _arr(nt.uint16, 2), _f32) + (nt.int64,) * 4
+                    + (_arr(_f32, 1),),
+    "_argmax_parts": (_arr(_f32, 1), _arr(nt.int32, 1), _arr(_f32, 1), _arr(nt.int64, 1)),
+    "_argmax_final": (_arr(_f32, 1), _arr(nt.int64, 1), _arr(nt.int32, 1)),
     "_residual_norm": (_arr(_f32, 1), _arr(_f32, 1), _arr(_f32, 1), _f32, _arr(_f32, 1), _f32, _arr(_f32, 1)),
 }
 
@@ -496,9 +643,11 @@ class _Kernel:
 
 
 (gemv_bf16, rms_norm_kernel, query_attention_kernel, block_attention_kernel, rope_kernel, gelu_mul_kernel,
- upcast_kernel, softmax_kernel, step_attention_kernel, merge_splits_kernel, head_prep_kernel, residual_norm_kernel) = (
+ upcast_kernel, softmax_kernel, step_attention_kernel, merge_splits_kernel, head_prep_kernel, residual_norm_kernel,
+ split_rows_kernel, sum_parts_kernel, embed_token_kernel, argmax_parts_kernel, argmax_final_kernel) = (
     _Kernel(k) for k in (_gemv_bf16, _rms_norm, _attention, _block_attention, _rope, _gelu_mul, _upcast,
-                         _masked_softmax, _step_attention, _merge_splits, _head_prep, _residual_norm))
+                         _masked_softmax, _step_attention, _merge_splits, _head_prep, _residual_norm, _split_rows, _sum_parts,
+                         _embed_token, _argmax_parts, _argmax_final))
 
 
 _UPLOADS: dict = {}
@@ -525,7 +674,9 @@ def _dev(a, dtype=None):
 
 
 def matmul(x2, w):
-    """x2 [M, In] f32 (device), w [Out, In] (Bf16 or float, device) -> [M, Out] f32."""
+    """x2 [M, In] f32 (device), w [Out, In] (Bf16 or float, device) -> [M, Out] f32. Up to GEMV_MAX_M rows:
+    the GEMV kernel; more, with GEMM = "split": x2 as three bf16 summands through one tensor-core GEMM
+    (`split_product`), the three products summed by one kernel; with GEMM = "f32": w upcast, cuBLAS sgemm."""
     M = x2.shape[0]
     if not isinstance(w, Bf16):
         return x2 @ w.astype(xp.float32).T
@@ -534,10 +685,17 @@ def matmul(x2, w):
         out = xp.empty((M, Out), xp.float32)
         gemv(x2, [w], out)
         return out
+    out = xp.empty((M, Out), xp.float32)
+    if GEMM == "split":
+        rows = max(1, UPCAST_FLOATS // (3 * Out))  # the three products' floats per block of x's rows
+        for lo in range(0, M, rows):
+            part = xp.empty((3, min(rows, M - lo), Out), xp.float32)
+            split_product(split_rows(x2[lo:lo + rows]), w, part)
+            sum_parts_kernel[min(-(-part[0].size // THREADS), 8192), THREADS](part, out[lo:lo + rows])
+        return out
     rows = max(1, UPCAST_FLOATS // In)  # every matrix of the 12B model but its output table: one block
     if rows >= Out:
         return x2 @ upcast(w.bits).T  # two launches: the upcast, the product
-    out = xp.empty((M, Out), xp.float32)
     for lo in range(0, Out, rows):
         out[:, lo:lo + rows] = x2 @ upcast(w.bits[lo:lo + rows]).T
     return out
@@ -556,6 +714,45 @@ def gemv(x2, ws, out):
     words = [w.bits.view(xp.uint64) for w in ws]
     words += words[-1:] * (3 - len(words))
     gemv_bf16[-(-out.shape[1] // GEMV_ROWS), THREADS](x2, *words, out)
+
+
+def split_rows(x2):
+    """x2 [M, K] float32 (device) -> [3, M, K] uint16: each value as the sum of three bf16, in one launch."""
+    parts = xp.empty((3,) + x2.shape, xp.uint16)
+    split_rows_kernel[min(-(-x2.size // THREADS), 8192), THREADS](x2, parts)
+    return parts
+
+
+_CUBLAS = {}
+
+
+def split_product(parts, w, out):
+    """parts [3, M, In] uint16 (x as three bf16 summands, `split_rows`), w Bf16 [Out, In] -> out [3, M, Out]
+    float32 <- parts[i] @ w^T for each i, as one bf16 GEMM with float32 accumulation (cuBLAS gemmEx on the
+    tensor cores). A bf16 times a bf16 is exact in float32, so out[0] + out[1] + out[2] is x @ w^T to
+    float32 accumulation, the product ref computes in float32. Under the simulator: NumPy's float32 product of
+    the same upcast values."""
+    M3, In = parts.shape[0] * parts.shape[1], parts.shape[2]
+    Out = w.bits.shape[0]
+    if xp is np:
+        a = (parts.reshape(M3, In).astype(np.uint32) << 16).view(np.float32)
+        out.reshape(M3, Out)[:] = a @ to_f32(w).T
+        return out
+    from cupy_backends.cuda.libs import cublas
+
+    if not _CUBLAS:
+        _CUBLAS.update(one=np.ones(1, np.float32), zero=np.zeros(1, np.float32),
+                       bf16=getattr(xp.cuda.runtime, "CUDA_R_16BF", 14), f32=getattr(xp.cuda.runtime, "CUDA_R_32F", 0))
+    c = _CUBLAS
+    handle = xp.cuda.device.get_cublas_handle()
+    cublas.setStream(handle, xp.cuda.get_current_stream().ptr)
+    cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
+    # row-major out [M3, Out] = parts [M3, In] @ w^T is column-major out^T = w^T^T parts^T: w's rows are
+    # column-major columns of length In (op T), parts likewise (op N)
+    cublas.gemmEx(handle, cublas.CUBLAS_OP_T, cublas.CUBLAS_OP_N, Out, M3, In, c["one"].ctypes.data,
+                  w.bits.data.ptr, c["bf16"], In, parts.data.ptr, c["bf16"], In, c["zero"].ctypes.data,
+                  out.data.ptr, c["f32"], Out, cublas.CUBLAS_COMPUTE_32F, cublas.CUBLAS_GEMM_DEFAULT)
+    return out
 
 
 def upcast(bits):
@@ -676,9 +873,10 @@ KERNELS = Kernels(linear=linear, linears=linears, rms_norm=rms_norm, apply_rope=
 
 
 def to_device(tree):
-    """A params tree (Params / lists / arrays / Bf16) -> the same tree with device arrays."""
+    """A params tree (Params / lists / arrays / Bf16) -> the same tree with device arrays: matrices stay bf16,
+    vectors (norm weights, layer scalars) are upcast once here rather than at every call."""
     if isinstance(tree, Bf16):
-        return Bf16(xp.array(tree.bits))  # an upload: a copy, also under the simulator
+        return Bf16(xp.array(tree.bits)) if tree.bits.ndim > 1 else xp.array(to_f32(tree))  # a copy, also simulated
     if isinstance(tree, dict):
         return type(tree)((k, to_device(v)) for k, v in tree.items())
     if isinstance(tree, list):

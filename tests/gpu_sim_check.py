@@ -15,6 +15,7 @@ from fast import gpu
 from helpers import cached_steps, multimodal_prompt, synthetic_patches
 from ref.config import FULL, SLIDING, Rope, from_hf_dict, tiny_hf_dict
 from ref.decoder import REF
+from ref.generate import select
 from ref.layers import attention, rope_cos_sin, rope_inv_freq
 from ref.masks import MaskSpec
 from ref.safetensors_io import Bf16, f32_to_bf16
@@ -45,9 +46,12 @@ def decode_steps(model, ids, key_ok, new_ids, split):
 def check_step_attention(rng):
     """The decoding step's attention kernels (split by keys, then merged) against ref.layers.attention, for
     key counts below, at and above the chunk count (empty chunks), a mask with holes, and one that hides
-    every key (the mean of the values); the cache holds more slots than the n the kernels read."""
-    H, K, Dh, cap, C = 4, 2, 6, 40, gpu.STEP_SPLITS
-    for n, visible in ((2, "holes"), (C, "holes"), (23, "holes"), (23, "none")):
+    every key (the mean of the values); the cache holds more slots than the n the kernels read. The merge
+    runs with WIDE threads as the step launches it (head dims 6: one group of threads; 3: two groups and
+    idle threads) and with fewer threads than head dims."""
+    H, K, cap, C = 4, 2, 40, gpu.STEP_SPLITS
+    for n, visible, Dh, threads in ((2, "holes", 6, gpu.WIDE), (C, "holes", 6, gpu.WIDE), (23, "holes", 6, gpu.WIDE),
+                                    (23, "none", 6, gpu.WIDE), (23, "holes", 3, gpu.WIDE), (23, "holes", 6, 4)):
         q = rng.normal(size=(H, Dh)).astype(np.float32)
         keys, values = rng.normal(size=(2, cap, K, Dh)).astype(np.float32)
         mask = (rng.random(cap) < 0.7) if visible == "holes" else np.zeros(cap, bool)
@@ -57,9 +61,32 @@ def check_step_attention(rng):
         scratch, part_m, part_l = gpu.xp.zeros((H, cap), np.float32), *gpu.xp.zeros((2, H, C), np.float32)
         part_acc, out = gpu.xp.zeros((H, C, Dh), np.float32), gpu.xp.zeros((H, Dh), np.float32)
         gpu.step_attention_kernel[H * C, gpu.THREADS](*dev[:5], 1, scratch, part_m, part_l, part_acc)
-        gpu.merge_splits_kernel[H, gpu.THREADS](part_m, part_l, part_acc, dev[2], dev[4], 1, out)
+        gpu.merge_splits_kernel[H, threads](part_m, part_l, part_acc, dev[2], dev[4], 1, out)
         want = attention(q[None, None], keys[None, :n], values[None, :n], mask[None, None, :n])[0, 0]
-        check(f"step attention n={n} {visible}", out, want)
+        check(f"step attention n={n} {visible} Dh={Dh} merged by {threads}", out, want)
+
+
+def check_argmax(rng):
+    """The step's greedy selection on the device (two kernels) against ref.generate.select at temperature 0:
+    ties (the first index wins), suppressed ids (never chosen), a NaN (np.argmax picks the first NaN), all
+    -inf (index 0)."""
+    V = 50
+    for case in ("ties", "nan", "all -inf"):
+        logits = rng.integers(0, 5, V).astype(np.float32)  # many ties
+        if case == "nan":
+            logits[[17, 31]] = np.nan
+        if case == "all -inf":
+            logits[:] = -np.inf
+        suppress = (int(np.argmax(logits)), 3)
+        mask = np.zeros(V, np.int32)
+        mask[list(suppress)] = 1
+        part_v, part_i = gpu.xp.zeros(gpu.ARGMAX_BLOCKS, np.float32), gpu.xp.zeros(gpu.ARGMAX_BLOCKS, np.int64)
+        token = gpu.xp.zeros(1, np.int32)
+        gpu.argmax_parts_kernel[gpu.ARGMAX_BLOCKS, gpu.THREADS](gpu.xp.asarray(logits), gpu.xp.asarray(mask), part_v, part_i)
+        gpu.argmax_final_kernel[1, gpu.THREADS](part_v, part_i, token)
+        want = int(select(logits[None], suppress, 0.0, None, None, None)[0])
+        assert int(host(token)[0]) == want, (case, int(host(token)[0]), want)
+        print(f"ok argmax {case} {want}")
 
 
 def check_graph_step(rng, d, name, steps, layer_code, **text):
@@ -67,7 +94,8 @@ def check_graph_step(rng, d, name, steps, layer_code, **text):
     after every step, with a sliding window of 3 (the ring wraps at every step), after a prompt of 20 with
     left padding prefilled in two chunks (of more than GEMV_MAX_M tokens: the simulator takes ~1 s a GEMV);
     for the first `layer_code` steps the same through ref's layer code with the GPU kernels (whole_step
-    off)."""
+    off); then, if `layer_code`, whole steps on a cache that speculates (each next step queued on the device's
+    greedy token: with these random ids most guesses are wrong and their steps run again)."""
     hf = tiny_hf_dict(vocab_size=64, sliding_window=3, **text)
     hf["vision_config"].update(mm_embed_dim=8, output_proj_dims=8, mm_posemb_size=8)
     hf.update(image_token_id=57, audio_token_id=58, video_token_id=59, boi_token_id=60, eoi_token_id=61,
@@ -89,6 +117,15 @@ def check_graph_step(rng, d, name, steps, layer_code, **text):
             check(f"{'graph step' if whole else 'layer code'} {name} logits {i}", g, w)
     # the step ran (its logits were all handed out), one binding for the cache, which goes with it
     assert model._step.ok and handed == [False, 1], handed
+    if layer_code:
+        model.whole_step, model._greedy = True, True  # as inside a greedy generate: the cache speculates
+        model._step.guesses = [0, 0]
+        got, cache = decode_steps(model, ids, key_ok, new_ids, 10)
+        model._greedy = False
+        assert cache.speculate and model._step.guesses[1] >= 1, model._step.guesses
+        del cache
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            check(f"speculated step {name} logits {i}", g, w)
     gc.collect()
     assert len(model._step._bound) == 0
 
@@ -101,14 +138,27 @@ def main() -> int:
     assert np.array_equal(host(first), table) and gpu._upload(first) is first
     print("ok upload cache")
     # the GEMV kernel (M <= 8: one word loop, and with In = 80 its four-word steps and their tail), an odd In
-    # (the cuBLAS path), and M > 8 (cuBLAS)
-    for m, n in ((1, 20), (3, 20), (2, 80), (1, 21), (12, 20)):
+    # (the cuBLAS path)
+    for m, n in ((1, 20), (3, 20), (2, 80), (1, 21)):
         x = rng.normal(size=(m, n)).astype(np.float32)
         w = Bf16(f32_to_bf16(rng.normal(size=(6, n)).astype(np.float32)))
         check(f"matmul M={m} In={n}", gpu.matmul(gpu.xp.asarray(x), gpu.to_device(w)), REF.linear(x, w))
-    keep, gpu.UPCAST_FLOATS = gpu.UPCAST_FLOATS, 40  # the cuBLAS path in blocks of two rows (3 blocks)
-    check("matmul M=12 in blocks", gpu.matmul(gpu.xp.asarray(x), gpu.to_device(w)), REF.linear(x, w))
-    gpu.UPCAST_FLOATS = keep
+    # M > 8, both prompt products: x as three bf16 summands (exact: checked bit for bit first, magnitudes
+    # 2^-90 to 2^90) through one GEMM, and the weights upcast; each whole and in blocks
+    x = (rng.uniform(1, 2, (12, 20)) * rng.choice([-1, 1], (12, 20)) * 2.0 ** rng.integers(-90, 90, (12, 20))).astype(np.float32)
+    parts = host(gpu.split_rows(gpu.xp.asarray(x))).astype(np.uint32) << 16
+    total = parts[0].view(np.float32).astype(np.float64) + parts[1].view(np.float32) + parts[2].view(np.float32)
+    assert np.array_equal(total, x), "split_rows: the three bf16 do not sum to x"
+    print("ok split_rows exact")
+    x = rng.normal(size=(12, 20)).astype(np.float32)
+    w = Bf16(f32_to_bf16(rng.normal(size=(6, 20)).astype(np.float32)))
+    for mode in ("split", "f32"):
+        keep = gpu.GEMM, gpu.UPCAST_FLOATS
+        gpu.GEMM = mode
+        check(f"matmul M=12 {mode}", gpu.matmul(gpu.xp.asarray(x), gpu.to_device(w)), REF.linear(x, w))
+        gpu.UPCAST_FLOATS = 40  # split: blocks of two rows of x (6 blocks); f32: of two rows of w (3 blocks)
+        check(f"matmul M=12 {mode} in blocks", gpu.matmul(gpu.xp.asarray(x), gpu.to_device(w)), REF.linear(x, w))
+        gpu.GEMM, gpu.UPCAST_FLOATS = keep
     x = rng.normal(0, 2, (5, 13)).astype(np.float32)
     w = rng.uniform(0.5, 1.5, 13).astype(np.float32)
     check("rms_norm", gpu.rms_norm(gpu.xp.asarray(x), gpu.xp.asarray(w)), REF.rms_norm(x, w))
@@ -138,6 +188,7 @@ def main() -> int:
             check(f"dense attention {bidir}/{kind}", gpu.dense_attention(*map(gpu.xp.asarray, (q, k, v)), spec), want)
 
     check_step_attention(rng)
+    check_argmax(rng)
     with tempfile.TemporaryDirectory() as d:  # k_eq_v global layers, a KV-shared layer, GQA; fused GEMVs
         check_graph_step(rng, d, "shared", 3, 2, hidden_size=16, intermediate_size=24, num_hidden_layers=3,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, global_head_dim=8,
@@ -159,8 +210,10 @@ def main() -> int:
         pv, pos = synthetic_patches(rng, 1, 70, [(1, 2)])
         kw = dict(pixel_values=pv, image_position_ids=pos, mm_token_type_ids=types)
         check("model forward", b.forward(ids, **kw), a.forward(ids, **kw))
-        ga, gb = a.generate(ids, max_new_tokens=3, **kw), b.generate(ids, max_new_tokens=3, **kw)
+        b._step.guesses = [0, 0]
+        ga, gb = a.generate(ids, max_new_tokens=4, **kw), b.generate(ids, max_new_tokens=4, **kw)
         assert np.array_equal(ga, gb), (ga, gb)
+        assert b._step.guesses == [2, 0], b._step.guesses  # steps 2 and 3 were queued on the right token
         print("ok generate", gb.tolist())
     return 0
 
