@@ -1,15 +1,17 @@
 """Where fast's GPU time goes, for a session with a device machine (run by tools/gpu_check.sh after the
 benchmark). Not a benchmark of record: each part prints what it measured and against which peer.
 
+0. A prompt's GEMM: float32 (weights upcast, sgemm), split (three bf16 tensor-core products), torch bf16.
 1. One launch of a one-element operation: CuPy's, torch's, our kernel through CuPy and through Numba.
 2. The decode GEMV kernel alone, at the bench's and the 12B model's matrix shapes: GB/s of bf16 weights
    read, launched alone and ten in a CUDA graph, next to torch's bf16 GEMV (what HF runs) and the card's
    read bandwidth measured here.
 3. The bench's sliding-layer attention for a 512-token prompt and for one decode token: the block kernel
    against ref's attention through cuBLAS (how gpu.attention chooses).
-4. The bench model, then a 12B-wide one (fast.bench.wide_config, 2 layers): decode through the captured
-   step and through ref's layer code, A/B in one process; the step's graph alone (device time against
-   the weights' bytes); a 512-token prefill with every Kernels call timed between two device
+4. The bench model, then a 12B-wide one (fast.bench.wide_config, 2 layers): a 64-token prompt's logits
+   with split and with float32 products against ref's; decode through ref's layer code, the captured step
+   and the captured step speculated, A/B in one process; the step's graph alone (device time against
+   the weights' bytes) and each of its launches alone in a graph; a 512-token prefill with every Kernels call timed between two device
    synchronisations (so the sum runs above an unsynchronised prefill).
 
 usage: python3 tools/gpu_probe.py [--layers 8]
@@ -28,6 +30,7 @@ import cupy as cp
 import numpy as np
 
 import fast
+import ref
 from fast import gpu
 from fast.bench import bench_config, bench_prompt, gpu_read_bandwidth, wide_config, write_bench_checkpoint
 from ref.config import SLIDING, from_hf_dict
@@ -93,6 +96,46 @@ def gemv_part(bw: float) -> None:
               f"{nbytes / graphed / 1e9 / bw:4.0%}   torch bf16 {theirs * 1e6:7.1f} us {nbytes / theirs / 1e9:5.0f} GB/s")
 
 
+def gemm_part() -> None:
+    """A prompt's product [512, In] x [Out, In]^T three ways: gpu.matmul (the weights upcast, cuBLAS sgemm),
+    x split into three bf16 summands and one bf16 tensor-core GEMM over the three (gpu.split_rows +
+    gpu.split_product, then the sum), torch's bf16 linear (HF's; x rounded to bf16). Error: the largest
+    |difference| from a float64 product of the same values over the largest |value|."""
+    import torch
+
+    print("== GEMM [512, In] x [Out, In]^T, bf16 weights: device time; error against float64")
+    rng = np.random.default_rng(0)
+    for out_f, in_f, what in ((4096, 1024, "bench gate/up"), (1024, 4096, "bench down"), (4096, 3840, "12B q"),
+                              (15360, 3840, "12B gate/up"), (3840, 15360, "12B down")):
+        bits = cp.asarray((rng.normal(size=(out_f, in_f)).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16))
+        w = Bf16(bits)
+        x = cp.asarray(rng.normal(size=(512, in_f)).astype(np.float32))
+        exact = x.astype(cp.float64) @ gpu.upcast(bits).astype(cp.float64).T
+        scale = float(cp.abs(exact).max())
+        parts, out = gpu.split_rows(x), cp.empty((3, 512, out_f), cp.float32)
+
+        def split():
+            gpu.split_product(gpu.split_rows(x), w, out)
+            return (out[0] + out[1]) + out[2]
+        def f32():
+            gpu.GEMM = "f32"
+            try:
+                return gpu.matmul(x, w)
+            finally:
+                gpu.GEMM = "split"
+        wt = torch.as_tensor(bits.view(cp.int16), device="cuda").view(torch.bfloat16)
+        xt = torch.as_tensor(x, device="cuda").to(torch.bfloat16)
+        errs = {"f32": float(cp.abs(f32() - exact).max()) / scale,
+                "split": float(cp.abs(split() - exact).max()) / scale,
+                "torch": float(cp.abs(cp.asarray(torch.nn.functional.linear(xt, wt).float()) - exact).max()) / scale}
+        times = {"f32 (upcast + sgemm)": device_seconds(f32),
+                 "split (all)": device_seconds(split),
+                 "its GEMM": device_seconds(lambda: gpu.split_product(parts, w, out)),
+                 "torch bf16": device_seconds(lambda: torch.nn.functional.linear(xt, wt))}
+        print(f"{what:14} [{out_f:6}, {in_f:5}]  " + "  ".join(f"{n} {t * 1e6:7.1f} us" for n, t in times.items())
+              + "   error " + " ".join(f"{n} {e:.1e}" for n, e in errs.items()))
+
+
 def launch_part() -> None:
     import torch
 
@@ -138,45 +181,34 @@ def timed_kernels(log: dict) -> Kernels:
                       ("linear", "linears", "rms_norm", "apply_rope", "attention", "mlp", "lm_head")})
 
 
-class _Timed:
-    """A gpu._Kernel whose launches are bracketed by two CUDA events on the current stream (into log)."""
-
-    def __init__(self, name, kernel, log):
-        self.name, self.kernel, self.log = name, kernel, log
-
-    def __getitem__(self, config):
-        launch = self.kernel[config]
-
-        def call(*args):
-            a, b = cp.cuda.Event(), cp.cuda.Event()
-            a.record()
-            launch(*args)
-            b.record()
-            self.log[self.name].append((a, b))
-        return call
-
-
-def step_profile(step, bound) -> None:
-    """One step launch by launch (not replayed), each kernel's device time between events: where the
-    graph's time goes (the softcap's three CuPy operations are not counted)."""
+def step_graphed(step, bound) -> None:
+    """Each launch of one step captured ten times in a graph of its own and replayed: its device time with
+    no launch gap (the step's state changes; only the times matter)."""
     names = [n for n, k in vars(gpu).items() if isinstance(k, gpu._Kernel)]
     saved = {n: getattr(gpu, n) for n in names}
-    log: dict = defaultdict(list)
+    launches = []
+
+    class Recorder:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, config):
+            launch = self.kernel[config]
+            return lambda *args: launches.append((self.name, lambda: launch(*args)))
     for n in names:
-        setattr(gpu, n, _Timed(n, saved[n], log))
+        setattr(gpu, n, Recorder(n, saved[n]))
     try:
         with step.stream:
-            step._launch(bound)  # recomputes a step's values in place: only its time is of interest here
-        step.stream.synchronize()
+            step._launch(bound)
     finally:
         for n in names:
             setattr(gpu, n, saved[n])
-    total = sum(cp.cuda.get_elapsed_time(a, b) for pairs in log.values() for a, b in pairs) / 1e3
-    print(f"   one step launch by launch: kernels' device time {total * 1e3:.3f} ms in "
-          f"{sum(map(len, log.values()))} launches")
-    for n, pairs in sorted(log.items(), key=lambda kv: -sum(cp.cuda.get_elapsed_time(a, b) for a, b in kv[1])):
-        t = sum(cp.cuda.get_elapsed_time(a, b) for a, b in pairs)
-        print(f"      {n:22} {len(pairs):4} launches {t * 1e3:8.1f} us")
+    per: dict = defaultdict(list)
+    for name, f in launches:
+        per[name].append(graph_seconds(f, repeats=5))
+    print(f"   each launch alone in a graph: {sum(map(sum, per.values())) * 1e3:.3f} ms in {len(launches)} launches")
+    for name, ts in sorted(per.items(), key=lambda kv: -sum(kv[1])):
+        print(f"      {name:22} {len(ts):4} launches {sum(ts) * 1e6:8.1f} us  (each {', '.join(f'{t * 1e6:.1f}' for t in ts[:6])})")
 
 
 def step_part(hf: dict, name: str, bw: float, prompt: int = 512) -> None:
@@ -191,16 +223,27 @@ def step_part(hf: dict, name: str, bw: float, prompt: int = 512) -> None:
         model = fast.load_model(path, device="gpu")
         model.compile()
         ids = bench_prompt(prompt)
-        for whole in (False, True, False, True):
-            model.whole_step = whole
+        short = ids[:, :64]
+        want = ref.load_model(path).forward(short)[0, -1]
+        for mode in ("split", "f32"):  # a prompt's products either way, against ref's float32 on the host
+            gpu.GEMM = mode
+            got = model.forward(short)[0, -1]
+            print(f"== {name}, prompt of 64 with {mode} products: last logits within "
+                  f"{np.abs(got - want).max() / np.abs(want).max():.1e} of ref's (relative to the largest)")
+        gpu.GEMM = "split"
+        for whole, speculate in ((False, False), (True, False), (True, True), (False, False), (True, False), (True, True)):
+            model.whole_step, model.speculate = whole, speculate
             model.generate(ids, max_new_tokens=2)
+            if model._step is not None:
+                model._step.guesses = [0, 0]
             stamps: list[float] = []
             t0 = time.perf_counter()
             model.generate(ids, max_new_tokens=17, on_token=lambda _: stamps.append(time.perf_counter()))
             dec = float(np.median(np.diff(stamps)))
-            print(f"== {name}, {'graph step' if whole else 'layer code'}: prefill {(stamps[0] - t0) * 1e3:.2f} ms, "
+            what = "graph step, speculated" if speculate else "graph step" if whole else "layer code"
+            print(f"== {name}, {what}: prefill {(stamps[0] - t0) * 1e3:.2f} ms, "
                   f"decode {dec * 1e3:.3f} ms/token ({2 * weights / dec / 1e9 / bw:.0%} of {bw:.0f} GB/s; median "
-                  f"of 16 gaps, unsynchronised)")
+                  f"of 16 gaps, unsynchronised)" + (f"; guesses right, wrong: {model._step.guesses}" if speculate else ""))
         cache = model.new_cache(1, prompt + 8)
         x = model.embed(ids)
         ok, blk = np.ones((1, prompt), bool), np.full((1, prompt), -1)
@@ -219,7 +262,7 @@ def step_part(hf: dict, name: str, bw: float, prompt: int = 512) -> None:
         rep = float(np.median(seconds[2:]))
         print(f"   the step's graph alone: {rep * 1e3:.3f} ms device time = {2 * weights / rep / 1e9:.0f} GB/s, "
               f"{2 * weights / rep / 1e9 / bw:.0%} of the card's read bandwidth (its weights: {2 * weights / 1e9:.2f} GB)")
-        step_profile(step, step._bound[cache])
+        step_graphed(step, step._bound[cache])
         log: dict = defaultdict(list)
         model.kernels = timed_kernels(log)
         t0 = time.perf_counter()
@@ -239,7 +282,7 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=8)
     args = ap.parse_args(argv)
     bw = gpu_read_bandwidth()
-    for part in (launch_part, lambda: gemv_part(bw), lambda: attention_part(args.layers),
+    for part in (gemm_part, launch_part, lambda: gemv_part(bw), lambda: attention_part(args.layers),
                  lambda: step_part(bench_config(args.layers), f"bench model ({args.layers} layers)", bw),
                  lambda: step_part(wide_config(2), "12B-wide model (2 layers)", bw)):
         try:
