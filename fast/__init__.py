@@ -88,6 +88,8 @@ class GpuModel(Model):
         self._step = None  # fast.gpu_step.GpuStep, built at the first cached step
         self.whole_step = True  # False: decoding steps run ref's layer code with the GPU kernels, call by call
         self.speculate = True  # greedy generate of one sequence: each step queued before the last one's token is back
+        self.fused_prompt = True  # False: prompts run ref's layer code with the GPU kernels (fast/gpu_prefill.py)
+        self._prompt_ok = None  # whether gpu_prefill can take this model's weights, found at the first prompt
         self._greedy = False  # inside such a generate (its cache speculates)
 
     def generate(self, *args, **kwargs):
@@ -120,7 +122,14 @@ class GpuModel(Model):
 
     def run_decoder(self, x, positions, key_ok, block, cache=None, trace=None):
         """ref's decoder, except that a cached step of one token of one sequence runs as fast/gpu_step.py's
-        captured graph."""
+        captured graph and a prompt of one sequence as fast/gpu_prefill.py's fused pass."""
+        from . import gpu_prefill
+
+        if self.fused_prompt and gpu_prefill.usable(x, self.config, trace):
+            if self._prompt_ok is None:
+                self._prompt_ok = gpu_prefill.weights_ok(self.decoder_params, self.config)
+            if self._prompt_ok:
+                return gpu_prefill.forward(x, self.decoder_params, self.config, positions, key_ok, block, cache)
         if self.whole_step and trace is None and cache is not None:
             if self._step is None:
                 from .gpu_step import GpuStep

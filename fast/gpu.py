@@ -540,13 +540,100 @@ def _sum_parts(parts, out):
         out[r, c] = (parts[0, r, c] + parts[1, r, c]) + parts[2, r, c]
 
 
+@cuda.jit(device=True, inline=True)
+def _gelu_tanh(x):
+    """ref.layers.gelu_tanh's formula, float32."""
+    c = float32(math.sqrt(2.0 / math.pi))
+    return float32(0.5) * x * (float32(1.0) + math.tanh(c * (x + float32(0.044715) * x * x * x)))
+
+
 @cuda.jit
 def _gelu_mul(g, u, out):
-    """g, u, out [n] -> out = gelu_tanh(g) * u (ref.layers.gelu_tanh's formula, float32). Grid-stride."""
-    c = float32(math.sqrt(2.0 / math.pi))
+    """g, u, out [n] -> out = gelu_tanh(g) * u. Grid-stride."""
     for j in range(cuda.grid(1), g.shape[0], cuda.gridsize(1)):
-        x = g[j]
-        out[j] = float32(0.5) * x * (float32(1.0) + math.tanh(c * (x + float32(0.044715) * x * x * x))) * u[j]
+        out[j] = _gelu_tanh(g[j]) * u[j]
+
+
+# ---- a prompt's fused kernels (fast/gpu_prefill.py): products come as three summands [3, T, N] ----------
+
+@cuda.jit(device=True, inline=True)
+def _sum3(y, t, j):
+    """The product y[:, t, j] of `split_product`'s three summands, added as `_sum_parts` adds them."""
+    return (y[0, t, j] + y[1, t, j]) + y[2, t, j]
+
+
+@cuda.jit
+def _norm_split_rows(x, w, eps, parts):
+    """x [T, N] -> parts [3, T, N]: rms_norm(x, w) of each row, as three bf16 summands (`_split3`), the
+    next product's input. Block = one row."""
+    r = cuda.blockIdx.x
+    red = cuda.shared.array(WIDE, float32)
+    inv = _inv_rms(x[r], eps, red)
+    for i in range(cuda.threadIdx.x, x.shape[1], cuda.blockDim.x):
+        _split3(x[r, i] * inv * w[i], parts, r, i)
+
+
+@cuda.jit
+def _residual_rows(x, y, y_w, scale, next_w, eps, parts):
+    """x [T, N], y [3, T, N] (a product's summands) -> x <- (x + rms_norm(y, y_w)) * scale[0], then parts
+    [3, T, N] <- rms_norm(x, next_w) as three bf16 summands: `_residual_norm` for every row of a prompt
+    (scale [1] on the device: the layer scalar as loaded, read without a copy to the host). Block = one row."""
+    r, tid, nt = cuda.blockIdx.x, cuda.threadIdx.x, cuda.blockDim.x
+    red = cuda.shared.array(WIDE, float32)
+    acc = float32(0.0)
+    for i in range(tid, x.shape[1], nt):
+        v = _sum3(y, r, i)
+        acc += v * v
+    red[tid] = acc
+    inv = float32(1.0) / math.sqrt(_block_reduce(red, False) / float32(x.shape[1]) + eps)
+    for i in range(tid, x.shape[1], nt):
+        x[r, i] = (x[r, i] + _sum3(y, r, i) * inv * y_w[i]) * scale[0]
+    inv = _inv_rms(x[r], eps, red)  # each thread reads back only the x it wrote
+    for i in range(tid, x.shape[1], nt):
+        _split3(x[r, i] * inv * next_w[i], parts, r, i)
+
+
+@cuda.jit
+def _head_prep_rows(proj, q_w, k_w, cos, sin, heads, kv_heads, v_at, eps, q, k, v):
+    """A prompt's q, k, v from its projections proj [3, T, P] (summands; per token q's heads, then k's,
+    then v's from column v_at; a k_eq_v layer's v_at is k's), as ref.decoder.qkv: q [T, heads, Dh] =
+    RoPE(rms_norm(q, q_w)), k [T, kv_heads, Dh] likewise with k_w, v = rms_norm(v) unscaled. cos/sin
+    [T, Dh]. Block = (token, head): T x (heads + 2 kv_heads) blocks (T x heads for a KV-shared layer)."""
+    per = cuda.gridDim.x // proj.shape[1]
+    t, b = cuda.blockIdx.x // per, cuda.blockIdx.x % per
+    Dh = q.shape[2]
+    half = Dh // 2
+    is_k, is_v = heads <= b < heads + kv_heads, b >= heads + kv_heads
+    at = v_at + (b - heads - kv_heads) * Dh if is_v else b * Dh
+    red = cuda.shared.array(THREADS, float32)
+    acc = float32(0.0)
+    for i in range(cuda.threadIdx.x, Dh, cuda.blockDim.x):
+        s = _sum3(proj, t, at + i)
+        acc += s * s
+    red[cuda.threadIdx.x] = acc
+    inv = float32(1.0) / math.sqrt(_block_reduce(red, False) / float32(Dh) + eps)
+    w = k_w if is_k else q_w
+    for i in range(cuda.threadIdx.x, Dh, cuda.blockDim.x):
+        if is_v:
+            v[t, b - heads - kv_heads, i] = _sum3(proj, t, at + i) * inv
+            continue
+        p = i + half if i < half else i - half
+        y, partner = _sum3(proj, t, at + i) * inv * w[i], _sum3(proj, t, at + p) * inv * w[p]
+        y = y * cos[t, i] + (-partner if i < half else partner) * sin[t, i]
+        if is_k:
+            k[t, b - heads, i] = y
+        else:
+            q[t, b, i] = y
+
+
+@cuda.jit
+def _gelu_split(gu, parts):
+    """gu [3, T, 2 I] (summands of gate then up) -> parts [3, T, I]: gelu_tanh(gate) * up as three bf16
+    summands. Grid-stride."""
+    I = parts.shape[2]
+    for j in range(cuda.grid(1), parts.shape[1] * I, cuda.gridsize(1)):
+        t, c = j // I, j % I
+        _split3(_gelu_tanh(_sum3(gu, t, c)) * _sum3(gu, t, I + c), parts, t, c)
 
 
 # ---- launching --------------------------------------------------------------------------------------
@@ -577,6 +664,12 @@ SIGNATURES = {
                    nt.int64, _arr(nt.int32, 1), nt.int64, _f32, _arr(_f32, 2), _arr(_f32, 3), _arr(_f32, 3)),
     "_split_rows": (_arr(_f32, 2), _arr(nt.uint16, 3)),
     "_sum_parts": (_arr(_f32, 3), _arr(_f32, 2)),
+    "_norm_split_rows": (_arr(_f32, 2), _arr(_f32, 1), _f32, _arr(nt.uint16, 3)),
+    "_residual_rows": (_arr(_f32, 2), _arr(_f32, 3), _arr(_f32, 1), _arr(_f32, 1), _arr(_f32, 1), _f32,
+                       _arr(nt.uint16, 3)),
+    "_head_prep_rows": (_arr(_f32, 3), _arr(_f32, 1), _arr(_f32, 1), _arr(_f32, 2), _arr(_f32, 2), nt.int64, nt.int64,
+                        nt.int64, _f32, _arr(_f32, 3), _arr(_f32, 3), _arr(_f32, 3)),
+    "_gelu_split": (_arr(_f32, 3), _arr(nt.uint16, 3)),
     "_embed_token": (_arr(nt.int32, 1), nt.int64, _arr(nt.int32, 1), _arr(nt.uint16, 2), _f32) + (nt.int64,) * 4
                     + (_arr(_f32, 1),),
     "_argmax_parts": (_arr(_f32, 1), _arr(nt.int32, 1), _arr(_f32, 1), _arr(nt.int64, 1)),
@@ -644,10 +737,12 @@ class _Kernel:
 
 (gemv_bf16, rms_norm_kernel, query_attention_kernel, block_attention_kernel, rope_kernel, gelu_mul_kernel,
  upcast_kernel, softmax_kernel, step_attention_kernel, merge_splits_kernel, head_prep_kernel, residual_norm_kernel,
- split_rows_kernel, sum_parts_kernel, embed_token_kernel, argmax_parts_kernel, argmax_final_kernel) = (
+ split_rows_kernel, sum_parts_kernel, embed_token_kernel, argmax_parts_kernel, argmax_final_kernel,
+ norm_split_rows_kernel, residual_rows_kernel, head_prep_rows_kernel, gelu_split_kernel) = (
     _Kernel(k) for k in (_gemv_bf16, _rms_norm, _attention, _block_attention, _rope, _gelu_mul, _upcast,
                          _masked_softmax, _step_attention, _merge_splits, _head_prep, _residual_norm, _split_rows, _sum_parts,
-                         _embed_token, _argmax_parts, _argmax_final))
+                         _embed_token, _argmax_parts, _argmax_final, _norm_split_rows, _residual_rows,
+                         _head_prep_rows, _gelu_split))
 
 
 _UPLOADS: dict = {}
@@ -726,17 +821,17 @@ def split_rows(x2):
 _CUBLAS = {}
 
 
-def split_product(parts, w, out):
-    """parts [3, M, In] uint16 (x as three bf16 summands, `split_rows`), w Bf16 [Out, In] -> out [3, M, Out]
-    float32 <- parts[i] @ w^T for each i, as one bf16 GEMM with float32 accumulation (cuBLAS gemmEx on the
+def split_product(parts, w, out, col: int = 0):
+    """parts [3, M, In] uint16 (x as three bf16 summands, `split_rows`), w Bf16 [Out, In] -> columns col to
+    col + Out of out [3, M, W] float32 <- parts[i] @ w^T for each i, as one bf16 GEMM with float32 accumulation (cuBLAS gemmEx on the
     tensor cores). A bf16 times a bf16 is exact in float32, so out[0] + out[1] + out[2] is x @ w^T to
     float32 accumulation, the product ref computes in float32. Under the simulator: NumPy's float32 product of
     the same upcast values."""
     M3, In = parts.shape[0] * parts.shape[1], parts.shape[2]
-    Out = w.bits.shape[0]
+    Out, W = w.bits.shape[0], out.shape[-1]
     if xp is np:
         a = (parts.reshape(M3, In).astype(np.uint32) << 16).view(np.float32)
-        out.reshape(M3, Out)[:] = a @ to_f32(w).T
+        out.reshape(M3, W)[:, col:col + Out] = a @ to_f32(w).T
         return out
     from cupy_backends.cuda.libs import cublas
 
@@ -747,11 +842,11 @@ def split_product(parts, w, out):
     handle = xp.cuda.device.get_cublas_handle()
     cublas.setStream(handle, xp.cuda.get_current_stream().ptr)
     cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
-    # row-major out [M3, Out] = parts [M3, In] @ w^T is column-major out^T = w^T^T parts^T: w's rows are
-    # column-major columns of length In (op T), parts likewise (op N)
+    # row-major out[:, col:col + Out] = parts [M3, In] @ w^T is, column-major, an [Out, M3] block with leading
+    # dimension W: w^T^T parts^T, w's rows being column-major columns of length In (op T), parts' too (op N)
     cublas.gemmEx(handle, cublas.CUBLAS_OP_T, cublas.CUBLAS_OP_N, Out, M3, In, c["one"].ctypes.data,
                   w.bits.data.ptr, c["bf16"], In, parts.data.ptr, c["bf16"], In, c["zero"].ctypes.data,
-                  out.data.ptr, c["f32"], Out, cublas.CUBLAS_COMPUTE_32F, cublas.CUBLAS_GEMM_DEFAULT)
+                  out.data.ptr + 4 * col, c["f32"], W, cublas.CUBLAS_COMPUTE_32F, cublas.CUBLAS_GEMM_DEFAULT)
     return out
 
 

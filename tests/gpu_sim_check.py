@@ -90,12 +90,13 @@ def check_argmax(rng):
 
 
 def check_graph_step(rng, d, name, steps, layer_code, **text):
-    """fast/gpu_step.py's step (captured and replayed on a GPU, launch by launch here) against ref: the logits
-    after every step, with a sliding window of 3 (the ring wraps at every step), after a prompt of 20 with
-    left padding prefilled in two chunks (of more than GEMV_MAX_M tokens: the simulator takes ~1 s a GEMV);
-    for the first `layer_code` steps the same through ref's layer code with the GPU kernels (whole_step
-    off); then, if `layer_code`, whole steps on a cache that speculates (each next step queued on the device's
-    greedy token: with these random ids most guesses are wrong and their steps run again)."""
+    """fast/gpu_prefill.py's prompt pass, then fast/gpu_step.py's step (captured and replayed on a GPU, launch
+    by launch here) against ref: the logits after the prompt and after every step, with a sliding window of
+    3 (the ring wraps at every step), after a prompt of 20 with left padding prefilled in two chunks (of
+    more than GEMV_MAX_M tokens: the simulator takes ~1 s a GEMV); for the first `layer_code` steps the same
+    through ref's layer code with the GPU kernels (fused_prompt and whole_step off); then, if `layer_code`,
+    whole steps on a cache that speculates (each next step queued on the device's greedy token: with these
+    random ids most guesses are wrong and their steps run again)."""
     hf = tiny_hf_dict(vocab_size=64, sliding_window=3, **text)
     hf["vision_config"].update(mm_embed_dim=8, output_proj_dims=8, mm_posemb_size=8)
     hf.update(image_token_id=57, audio_token_id=58, video_token_id=59, boi_token_id=60, eoi_token_id=61,
@@ -108,7 +109,7 @@ def check_graph_step(rng, d, name, steps, layer_code, **text):
     want, _ = decode_steps(peer, ids, key_ok, new_ids, 10)
     handed = []
     for whole in (True, False) if layer_code else (True,):
-        model.whole_step = whole
+        model.whole_step = model.fused_prompt = whole  # the graph step after the fused prompt, or ref's layer code
         got, cache = decode_steps(model, ids, key_ok, new_ids if whole else new_ids[:layer_code], 10)
         if whole:
             handed = [model._step.fresh, len(model._step._bound)]
@@ -118,7 +119,7 @@ def check_graph_step(rng, d, name, steps, layer_code, **text):
     # the step ran (its logits were all handed out), one binding for the cache, which goes with it
     assert model._step.ok and handed == [False, 1], handed
     if layer_code:
-        model.whole_step, model._greedy = True, True  # as inside a greedy generate: the cache speculates
+        model.whole_step, model.fused_prompt, model._greedy = True, True, True  # as in greedy generate: speculates
         model._step.guesses = [0, 0]
         got, cache = decode_steps(model, ids, key_ok, new_ids, 10)
         model._greedy = False
