@@ -91,6 +91,7 @@ class GpuModel(Model):
         self.fused_prompt = True  # False: prompts run ref's layer code with the GPU kernels (fast/gpu_prefill.py)
         self._prompt_ok = None  # whether gpu_prefill can take this model's weights, found at the first prompt
         self._greedy = False  # inside such a generate (its cache speculates)
+        self._embed_here = False  # inside forward or a cached generate: prompts are embedded on the device
 
     def generate(self, *args, **kwargs):
         """Model.generate. Greedy decoding of one sequence with whole steps runs each step ahead on the token
@@ -100,10 +101,33 @@ class GpuModel(Model):
         call.apply_defaults()
         a = call.arguments
         self._greedy = self.speculate and not a["temperature"] and np.shape(a["input_ids"])[0] == 1
+        # a cached generate hands embeddings to the decoder only (without a cache it concatenates them)
+        self._embed_here = a["use_cache"] and self.config.bidirectional != "all"
         try:
             return super().generate(*args, **kwargs)
         finally:
-            self._greedy = False
+            self._greedy = self._embed_here = False
+
+    def forward(self, *args, **kwargs):
+        """Model.forward; a text-only prompt is embedded on the device (`embed`)."""
+        self._embed_here = True
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            self._embed_here = False
+
+    __call__ = forward
+
+    def embed(self, input_ids, pixel_values=None, image_position_ids=None, pixel_values_videos=None,
+              video_position_ids=None, num_frames_per_video=None, input_features=None, input_features_mask=None,
+              trace=None):
+        """Model.embed; inside forward and a cached generate, text-only ids of more than one token are embedded
+        on the device, where the table is (gpu.embed_tokens): no host gather, no upload of [T, D] floats."""
+        if (self._embed_here and trace is None and np.ndim(input_ids) == 2 and np.shape(input_ids)[1] > 1
+                and pixel_values is None and pixel_values_videos is None and input_features is None):
+            return self._gpu.embed_tokens(input_ids, self._decoder.embed_tokens.weight, self.config)
+        return super().embed(input_ids, pixel_values, image_position_ids, pixel_values_videos, video_position_ids,
+                             num_frames_per_video, input_features, input_features_mask, trace)
 
     @property
     def decoder_params(self):

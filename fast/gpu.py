@@ -475,6 +475,18 @@ def _embed_token(nums, at, token, table, scale, pad, image, video, audio, x):
         x[i] = as_f32(uint32(table[t, i]) << uint32(16)) * scale
 
 
+@cuda.jit
+def _embed_rows(ids, table, scale, pad, image, video, audio, x):
+    """ids [N] -> x [N, D]: rows of the embedding table [V, D] (bf16 bits) times scale, as
+    ref.embedders.embed_tokens (a media placeholder id embeds as pad, as embed_inputs). Grid-stride."""
+    D = x.shape[1]
+    for j in range(cuda.grid(1), x.size, cuda.gridsize(1)):
+        t = ids[j // D]
+        if t == image or t == video or t == audio:
+            t = pad
+        x[j // D, j % D] = as_f32(uint32(table[t, j % D]) << uint32(16)) * scale
+
+
 @cuda.jit(device=True, inline=True)
 def _beats(v, i, best, at):
     """Whether value v at index i comes before (best, at) in np.argmax's order: NaN first (the first NaN
@@ -670,6 +682,7 @@ SIGNATURES = {
     "_head_prep_rows": (_arr(_f32, 3), _arr(_f32, 1), _arr(_f32, 1), _arr(_f32, 2), _arr(_f32, 2), nt.int64, nt.int64,
                         nt.int64, _f32, _arr(_f32, 3), _arr(_f32, 3), _arr(_f32, 3)),
     "_gelu_split": (_arr(_f32, 3), _arr(nt.uint16, 3)),
+    "_embed_rows": (_arr(nt.int64, 1), _arr(nt.uint16, 2), _f32) + (nt.int64,) * 4 + (_arr(_f32, 2),),
     "_embed_token": (_arr(nt.int32, 1), nt.int64, _arr(nt.int32, 1), _arr(nt.uint16, 2), _f32) + (nt.int64,) * 4
                     + (_arr(_f32, 1),),
     "_argmax_parts": (_arr(_f32, 1), _arr(nt.int32, 1), _arr(_f32, 1), _arr(nt.int64, 1)),
@@ -738,11 +751,11 @@ class _Kernel:
 (gemv_bf16, rms_norm_kernel, query_attention_kernel, block_attention_kernel, rope_kernel, gelu_mul_kernel,
  upcast_kernel, softmax_kernel, step_attention_kernel, merge_splits_kernel, head_prep_kernel, residual_norm_kernel,
  split_rows_kernel, sum_parts_kernel, embed_token_kernel, argmax_parts_kernel, argmax_final_kernel,
- norm_split_rows_kernel, residual_rows_kernel, head_prep_rows_kernel, gelu_split_kernel) = (
+ norm_split_rows_kernel, residual_rows_kernel, head_prep_rows_kernel, gelu_split_kernel, embed_rows_kernel) = (
     _Kernel(k) for k in (_gemv_bf16, _rms_norm, _attention, _block_attention, _rope, _gelu_mul, _upcast,
                          _masked_softmax, _step_attention, _merge_splits, _head_prep, _residual_norm, _split_rows, _sum_parts,
                          _embed_token, _argmax_parts, _argmax_final, _norm_split_rows, _residual_rows,
-                         _head_prep_rows, _gelu_split))
+                         _head_prep_rows, _gelu_split, _embed_rows))
 
 
 _UPLOADS: dict = {}
@@ -848,6 +861,18 @@ def split_product(parts, w, out, col: int = 0):
                   w.bits.data.ptr, c["bf16"], In, parts.data.ptr, c["bf16"], In, c["zero"].ctypes.data,
                   out.data.ptr + 4 * col, c["f32"], W, cublas.CUBLAS_COMPUTE_32F, cublas.CUBLAS_GEMM_DEFAULT)
     return out
+
+
+def embed_tokens(ids, table, cfg):
+    """ids [B, T] (host) -> [B, T, D] float32 on the device: ref.embedders.embed_inputs of text-only ids
+    (rows of the bf16 table times sqrt(D); placeholder ids as pad), gathered where the table is."""
+    ids = np.asarray(ids, np.int64)
+    D = table.bits.shape[1]
+    x = xp.empty((ids.size, D), xp.float32)
+    special = [-1 if t is None else t for t in (cfg.image_token_id, cfg.video_token_id, cfg.audio_token_id)]
+    embed_rows_kernel[min(-(-x.size // THREADS), 8192), THREADS](_dev(ids.reshape(-1)), table.bits, np.float32(D ** 0.5),
+                                                                 cfg.pad_token_id, *special, x)
+    return x.reshape(ids.shape + (D,))
 
 
 def upcast(bits):

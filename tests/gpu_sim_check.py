@@ -211,6 +211,10 @@ def main() -> int:
         pv, pos = synthetic_patches(rng, 1, 70, [(1, 2)])
         kw = dict(pixel_values=pv, image_position_ids=pos, mm_token_type_ids=types)
         check("model forward", b.forward(ids, **kw), a.forward(ids, **kw))
+        # a text-only prompt is embedded on the device, placeholder ids as pad (ref's embed_inputs)
+        text = np.concatenate([ids[:, :3], [[57, 58, 59]], rng.integers(3, 56, (1, 6))], axis=1)
+        check("embed on the device", gpu.embed_tokens(text, b._decoder.embed_tokens.weight, b.config), a.embed(text))
+        check("model forward text", b(text), a(text))
         b._step.guesses = [0, 0]
         ga, gb = a.generate(ids, max_new_tokens=4, **kw), b.generate(ids, max_new_tokens=4, **kw)
         assert np.array_equal(ga, gb), (ga, gb)

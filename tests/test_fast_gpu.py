@@ -26,7 +26,8 @@ def _run(env_extra):
 
 def test_gpu_kernels_and_model_under_cuda_simulator():
     out = _run({"NUMBA_ENABLE_CUDASIM": "1"})
-    assert "ok model forward" in out and "ok generate" in out
+    assert "ok model forward" in out and "ok generate" in out and "ok model forward text" in out
+    assert "ok embed on the device" in out
     assert out.count("ok attention") == 6 and out.count("ok query attention") == 6
     assert out.count("ok dense attention") == 6 and out.count("ok apply_rope") == 2 and "ok mlp" in out
     assert "ok upload cache" in out and "ok split_rows exact" in out and out.count("ok matmul M=12") == 4
@@ -65,7 +66,7 @@ def test_gpu_kernels_compile_for_the_device(tmp_path):
     out = subprocess.run([sys.executable, str(HERE / "gpu_ptx_check.py")], env=env, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
-    assert out.stdout.count("ok _") == 21, out.stdout
+    assert out.stdout.count("ok _") == 22, out.stdout
 
 
 def _have_gpu() -> bool:
