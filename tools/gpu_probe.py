@@ -9,8 +9,8 @@ benchmark). Not a benchmark of record: each part prints what it measured and aga
 3. The bench's sliding-layer attention for a 512-token prompt and for one decode token: the block kernel
    against ref's attention through cuBLAS (how gpu.attention chooses).
 4. The bench model, then a 12B-wide one (fast.bench.wide_config, 2 layers): a 64-token prompt's logits
-   with split and with float32 products against ref's; decode through ref's layer code, the captured step
-   and the captured step speculated, A/B in one process; the step's graph alone (device time against
+   with split and with float32 products against ref's; prompt and decode through ref's layer code, then
+   the fused prompt with the captured step, then with the step speculated, A/B in one process; the step's graph alone (device time against
    the weights' bytes) and each of its launches alone in a graph; a 512-token prefill with every Kernels call timed between two device
    synchronisations (so the sum runs above an unsynchronised prefill).
 
@@ -211,6 +211,34 @@ def step_graphed(step, bound) -> None:
         print(f"      {name:22} {len(ts):4} launches {sum(ts) * 1e6:8.1f} us  (each {', '.join(f'{t * 1e6:.1f}' for t in ts[:6])})")
 
 
+def prompt_profile(model, ids) -> None:
+    """Where a fused prefill's host time goes: generate(max_new_tokens=1) (embed, prompt, head, the
+    first token's selection) under cProfile, then the wait for the device; the functions with the most
+    time of their own."""
+    import cProfile
+    import io
+    import pstats
+
+    model.whole_step = model.fused_prompt = True
+    model.generate(ids, max_new_tokens=1)
+    cp.cuda.Device().synchronize()
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    model.generate(ids, max_new_tokens=1)
+    prof.disable()
+    t1 = time.perf_counter()
+    cp.cuda.Device().synchronize()
+    t2 = time.perf_counter()
+    print(f"-- fused prefill ({ids.shape[1]} tokens) under cProfile: {(t1 - t0) * 1e3:.2f} ms of host time "
+          f"(cProfile slows Python), then {(t2 - t1) * 1e3:.2f} ms until the device was done")
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(16)
+    for line in out.getvalue().splitlines():
+        if line.strip() and not line.startswith(("   Ordered", "         ")) and "function calls" not in line:
+            print("   " + line.strip()[:150])
+
+
 def step_part(hf: dict, name: str, bw: float, prompt: int = 512) -> None:
     """A model through the captured step and through ref's layer code (whole_step off), A/B in one process,
     unsynchronised as fast.bench times them; then the step's graph replayed alone (device time, between
@@ -232,7 +260,7 @@ def step_part(hf: dict, name: str, bw: float, prompt: int = 512) -> None:
                   f"{np.abs(got - want).max() / np.abs(want).max():.1e} of ref's (relative to the largest)")
         gpu.GEMM = "split"
         for whole, speculate in ((False, False), (True, False), (True, True), (False, False), (True, False), (True, True)):
-            model.whole_step, model.speculate = whole, speculate
+            model.whole_step, model.fused_prompt, model.speculate = whole, whole, speculate
             model.generate(ids, max_new_tokens=2)
             if model._step is not None:
                 model._step.guesses = [0, 0]
@@ -240,7 +268,8 @@ def step_part(hf: dict, name: str, bw: float, prompt: int = 512) -> None:
             t0 = time.perf_counter()
             model.generate(ids, max_new_tokens=17, on_token=lambda _: stamps.append(time.perf_counter()))
             dec = float(np.median(np.diff(stamps)))
-            what = "graph step, speculated" if speculate else "graph step" if whole else "layer code"
+            what = ("fused prompt, graph step, speculated" if speculate else "fused prompt, graph step" if whole
+                    else "layer code")
             print(f"== {name}, {what}: prefill {(stamps[0] - t0) * 1e3:.2f} ms, "
                   f"decode {dec * 1e3:.3f} ms/token ({2 * weights / dec / 1e9 / bw:.0%} of {bw:.0f} GB/s; median "
                   f"of 16 gaps, unsynchronised)" + (f"; guesses right, wrong: {model._step.guesses}" if speculate else ""))
@@ -263,8 +292,10 @@ def step_part(hf: dict, name: str, bw: float, prompt: int = 512) -> None:
         print(f"   the step's graph alone: {rep * 1e3:.3f} ms device time = {2 * weights / rep / 1e9:.0f} GB/s, "
               f"{2 * weights / rep / 1e9 / bw:.0%} of the card's read bandwidth (its weights: {2 * weights / 1e9:.2f} GB)")
         step_graphed(step, step._bound[cache])
+        prompt_profile(model, ids)
         log: dict = defaultdict(list)
         model.kernels = timed_kernels(log)
+        model.fused_prompt = False  # ref's layer code, whose Kernels calls are what this times
         t0 = time.perf_counter()
         stamps = []
         model.generate(ids, max_new_tokens=1, on_token=lambda _: stamps.append(time.perf_counter()))
