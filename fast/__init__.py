@@ -4,7 +4,8 @@
 loader, processors, masks and sampling are ref's; only the kernels (fast/cpu.py, fast/gpu.py) and the
 KV cache differ, and on the CPU a prompt of one sequence runs with the tokens along the columns
 (fast/prefill.py) and a cached one-token step runs those kernels from one compiled function
-(fast/step.py). Results equal ref's to float32 rounding.
+(fast/step.py); on a GPU a prompt of one sequence runs fused kernels (fast/gpu_prefill.py) and a cached
+step is one CUDA graph (fast/gpu_step.py). Results equal ref's to float32 rounding.
 """
 
 from __future__ import annotations
@@ -71,10 +72,12 @@ class CpuModel(Model):
 
 
 class GpuModel(Model):
-    """ref's Model with the decoder's weights on the device and GPU kernels. Embedding (a row lookup, and
-    the vision/audio embedders) stays on the host; its output moves to the device once per decoder call
-    (a cached step of one token takes it in its one upload of inputs). Such a step runs as one replayed
-    CUDA graph, output head included (fast/gpu_step.py)."""
+    """ref's Model with the decoder's weights on the device and GPU kernels. A text-only prompt inside
+    forward or a cached generate is embedded on the device (`embed`); other embedding (single tokens, the
+    vision/audio embedders) stays on the host and moves to the device once per decoder call (a cached step
+    of one token takes it in its one upload of inputs). A prompt of one sequence runs fast/gpu_prefill.py's
+    fused pass; a cached step of one token runs as one replayed CUDA graph, output head and greedy choice
+    included (fast/gpu_step.py)."""
 
     def __init__(self, *args, **kwargs):
         from . import gpu
@@ -169,10 +172,11 @@ class GpuModel(Model):
         return self._gpu.lm_head(h, table, cap) if logits is None else logits
 
     def compile(self) -> float:
-        """Compile every GPU kernel now, by generating two tokens after a prompt one token longer than
-        gpu.GEMV_MAX_M (so both the prefill GEMM and the decode GEMV paths run; on a GPU this costs
-        milliseconds beyond the compiling) -> seconds it took."""
+        """Compile every GPU kernel now (gpu.compile_all), then generate two tokens after a prompt one token
+        longer than gpu.GEMV_MAX_M, so that the fused prompt, the graph step's capture and cuBLAS's first
+        calls are behind too (on a GPU this costs milliseconds beyond the compiling) -> seconds it took."""
         t0 = time.perf_counter()
+        self._gpu.compile_all()
         self.generate(np.full((1, self._gpu.GEMV_MAX_M + 1), self.config.bos_token_id, np.int64), max_new_tokens=2)
         return time.perf_counter() - t0
 

@@ -1,11 +1,15 @@
 """GPU kernels (CuPy arrays, Numba CUDA kernels): the contracts of ref's `Kernels` on the device.
 
 Weights live on the device as stored: bf16 as uint16 bits, upcast exactly inside the kernels. Products of
-more than GEMV_MAX_M rows upcast the matrix (in blocks only past 2^26 floats) and call cuBLAS in float32
-(CuPy leaves TF32 off unless CUPY_TF32=1, so products stay float32); decode uses a GEMV kernel that reads
-each weight once, four bf16 per 8-byte word, GEMV_ROWS rows per block. RMSNorm, RoPE and GELU x up are
-one kernel each. The kernels of fast/gpu_step.py's captured decoding step are here too: q/k/v's norms
-and RoPE with the cache write, attention split by keys and its merge, the residual add with both norms.
+more than GEMV_MAX_M rows split x into three bf16 summands (`_split3`: exact) and run one bf16 tensor-core
+GEMM with float32 accumulation over the three (`split_product`, cuBLAS gemmEx); a bf16 times a bf16 is
+exact in float32, so the sum of the three products is x @ w^T to float32 accumulation (GEMM = "f32",
+FAST_GPU_GEMM=f32: the matrix upcast and cuBLAS sgemm, CuPy leaving TF32 off). Decode uses a GEMV kernel
+that reads each weight once, four bf16 per 8-byte word, GEMV_ROWS rows per block. RMSNorm, RoPE and GELU x
+up are one kernel each. The kernels of fast/gpu_step.py's captured decoding step are here too (q/k/v's
+norms and RoPE with the cache write, attention split by keys and its merge, the residual add with both
+norms, the token's embedding, greedy selection), and those of fast/gpu_prefill.py's prompt pass, which
+take products as their three summands and write the next product's input split.
 
 Without a GPU the same module runs on NumPy arrays with Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1):
 that is how CI checks the kernels' indexing and the data flow. Only `as_f32` differs between the two,
@@ -751,11 +755,19 @@ class _Kernel:
 (gemv_bf16, rms_norm_kernel, query_attention_kernel, block_attention_kernel, rope_kernel, gelu_mul_kernel,
  upcast_kernel, softmax_kernel, step_attention_kernel, merge_splits_kernel, head_prep_kernel, residual_norm_kernel,
  split_rows_kernel, sum_parts_kernel, embed_token_kernel, argmax_parts_kernel, argmax_final_kernel,
- norm_split_rows_kernel, residual_rows_kernel, head_prep_rows_kernel, gelu_split_kernel, embed_rows_kernel) = (
+ norm_split_rows_kernel, residual_rows_kernel, head_prep_rows_kernel, gelu_split_kernel, embed_rows_kernel) = _ALL = [
     _Kernel(k) for k in (_gemv_bf16, _rms_norm, _attention, _block_attention, _rope, _gelu_mul, _upcast,
                          _masked_softmax, _step_attention, _merge_splits, _head_prep, _residual_norm, _split_rows, _sum_parts,
                          _embed_token, _argmax_parts, _argmax_final, _norm_split_rows, _residual_rows,
-                         _head_prep_rows, _gelu_split, _embed_rows))
+                         _head_prep_rows, _gelu_split, _embed_rows)]
+
+
+def compile_all() -> None:
+    """Compile every kernel for this device now, through CuPy's launcher (Numba's own compiles each at its
+    first launch)."""
+    if LAUNCH == "cupy":
+        for kernel in _ALL:
+            kernel.function()
 
 
 _UPLOADS: dict = {}
