@@ -875,15 +875,21 @@ def split_product(parts, w, out, col: int = 0):
     return out
 
 
+def embedding_ids(cfg) -> list[int]:
+    """The ids the embedding kernels take after the table's scale: pad, and the image, video and audio
+    placeholders that embed as pad (-1 where the config has none)."""
+    return [cfg.pad_token_id] + [-1 if t is None else t for t in (cfg.image_token_id, cfg.video_token_id,
+                                                                    cfg.audio_token_id)]
+
+
 def embed_tokens(ids, table, cfg):
     """ids [B, T] (host) -> [B, T, D] float32 on the device: ref.embedders.embed_inputs of text-only ids
     (rows of the bf16 table times sqrt(D); placeholder ids as pad), gathered where the table is."""
     ids = np.asarray(ids, np.int64)
     D = table.bits.shape[1]
     x = xp.empty((ids.size, D), xp.float32)
-    special = [-1 if t is None else t for t in (cfg.image_token_id, cfg.video_token_id, cfg.audio_token_id)]
     embed_rows_kernel[min(-(-x.size // THREADS), 8192), THREADS](_dev(ids.reshape(-1)), table.bits, np.float32(D ** 0.5),
-                                                                 cfg.pad_token_id, *special, x)
+                                                                 *embedding_ids(cfg), x)
     return x.reshape(ids.shape + (D,))
 
 
@@ -908,6 +914,12 @@ def _ones(n: int):
     if n not in _ONES:
         _ONES[n] = xp.ones(n, xp.float32)
     return _ONES[n]
+
+
+def vector(w, n: int):
+    """A norm weight or layer scalar on the device (float32 since to_device, or Bf16), or None for ones ->
+    float32 [n], C-contiguous, as the fused kernels take it (no copy for the float32 ones)."""
+    return _ones(n) if w is None else _dev(to_f32(w), xp.float32).reshape(n)
 
 
 def rms_norm(x, w=None, eps: float = 1e-6):

@@ -23,7 +23,7 @@ import numpy as np
 
 from ref.layers import rope_cos_sin, rope_inv_freq
 from ref.masks import MaskSpec
-from ref.safetensors_io import Bf16, to_f32
+from ref.safetensors_io import Bf16
 
 from . import gpu
 
@@ -47,11 +47,6 @@ def weights_ok(params, cfg) -> bool:
     return all(isinstance(m.weight, Bf16) for i, p in enumerate(params.layers)
                for m in [p.self_attn[n] for n in _qkv_names(cfg, i)] + [p.self_attn.o_proj, p.mlp.gate_proj,
                                                                        p.mlp.up_proj, p.mlp.down_proj])
-
-
-def _vector(w, n: int):
-    """A norm weight on the device (or None: ones) -> float32 [n]."""
-    return gpu._ones(n) if w is None else gpu._dev(to_f32(w), xp.float32).reshape(n)
 
 
 def _products(parts, ws, T: int):
@@ -78,7 +73,7 @@ def forward(x, params, cfg, positions, key_ok, block, cache=None):
     q_idx = start + np.arange(T)
     x = gpu._dev(x.reshape(T, D), xp.float32).copy()  # the residual stream, updated in place
     h = xp.empty((3, T, D), xp.uint16)  # the next product's input, as summands
-    gpu.norm_split_rows_kernel[T, threads](x, _vector(params.layers[0].input_layernorm.weight, D), eps, h)  # 1
+    gpu.norm_split_rows_kernel[T, threads](x, gpu.vector(params.layers[0].input_layernorm.weight, D), eps, h)  # 1
     ropes, masks, kv = {}, {}, {}
     for i, spec in enumerate(cfg.layers):
         p, a = params.layers[i], params.layers[i].self_attn
@@ -94,8 +89,8 @@ def forward(x, params, cfg, positions, key_ok, block, cache=None):
         k, v = (xp.empty((rows, K, Dh), xp.float32) for _ in range(2))  # each argument back in turn)
         heads = H + (0 if shared else 2 * K)
         v_at = (H + (0 if spec.k_eq_v else K)) * Dh  # k_eq_v: v is k's projection, before k_norm and RoPE
-        gpu.head_prep_rows_kernel[T * heads, threads](proj, _vector(a.q_norm.weight, Dh),
-                                                      _vector(None if shared else a.k_norm.weight, Dh), cos, sin,
+        gpu.head_prep_rows_kernel[T * heads, threads](proj, gpu.vector(a.q_norm.weight, Dh),
+                                                      gpu.vector(None if shared else a.k_norm.weight, Dh), cos, sin,
                                                       H, K, v_at, eps, q, k, v)
         if shared:
             kv[i] = kv[spec.kv_source]
@@ -107,17 +102,17 @@ def forward(x, params, cfg, positions, key_ok, block, cache=None):
             masks[spec.kind] = MaskSpec.from_seen(cfg, spec.kind, q_idx, k_idx, key_ok, block)
         att = gpu.attention(q[None], k_all, v_all, masks[spec.kind])  # [1, T, H, Dh]
         o = _products(gpu.split_rows(xp.ascontiguousarray(att.reshape(T, H * Dh))), [a.o_proj.weight], T)
-        gpu.residual_rows_kernel[T, threads](x, o, _vector(p.post_attention_layernorm.weight, D), gpu._ones(1),  # 3
-                                             _vector(p.pre_feedforward_layernorm.weight, D), eps, h)
+        gpu.residual_rows_kernel[T, threads](x, o, gpu.vector(p.post_attention_layernorm.weight, D), gpu._ones(1),  # 3
+                                             gpu.vector(p.pre_feedforward_layernorm.weight, D), eps, h)
         gu = _products(h, [p.mlp.gate_proj.weight, p.mlp.up_proj.weight], T)  # 4
         g = xp.empty((3, T, spec.intermediate_size), xp.uint16)
         gpu.gelu_split_kernel[min(-(-T * spec.intermediate_size // threads), 8192), threads](gu, g)
         last = i + 1 == len(cfg.layers)
         after = params.norm.weight if last else params.layers[i + 1].input_layernorm.weight
         gpu.residual_rows_kernel[T, threads](x, _products(g, [p.mlp.down_proj.weight], T),  # 4, 5, next 1
-                                             _vector(p.post_feedforward_layernorm.weight, D),
-                                             _vector(p.layer_scalar, 1),
-                                             _vector(after, D), eps, h)
+                                             gpu.vector(p.post_feedforward_layernorm.weight, D),
+                                             gpu.vector(p.layer_scalar, 1),
+                                             gpu.vector(after, D), eps, h)
     out = xp.empty((T, D), xp.float32)
-    gpu.rms_norm_kernel[T, threads](x, _vector(params.norm.weight, D), eps, out)
+    gpu.rms_norm_kernel[T, threads](x, gpu.vector(params.norm.weight, D), eps, out)
     return out[None]

@@ -48,11 +48,6 @@ class DeviceRingCache(RingKVCache):
     speculate = False
 
 
-def _vector(w, n: int):
-    """A norm weight (Bf16 or float on the device, or None: ones) -> float32 [n] on the device."""
-    return gpu._ones(n) if w is None else gpu._dev(to_f32(w), xp.float32).reshape(n)
-
-
 class GpuStep(StepPlan):
     """The captured step for one model. Call with (x [1, 1, D], positions [1, 1], key_ok, block [1, 1], a
     DeviceRingCache after its prefill) -> final-normed hidden states [1, 1, D] (a device buffer that the next
@@ -83,13 +78,13 @@ class GpuStep(StepPlan):
                 kind=self.kinds.index(spec.kind), rope=self.ropes.index((spec.rope, dh)), inter=spec.intermediate_size,
                 blocks=H + (0 if mode == SHARED else 2 * kv), v_at=(H + (0 if mode == K_EQ_V else kv)) * dh,
                 width=sum(w.bits.shape[0] for w in qkv),
-                in_ln=_vector(p.input_layernorm.weight, D), q_norm=_vector(a.q_norm.weight, dh),
-                k_norm=_vector(None if mode == SHARED else a.k_norm.weight, dh),
-                post_attn=_vector(p.post_attention_layernorm.weight, D),
-                pre_ff=_vector(p.pre_feedforward_layernorm.weight, D),
-                post_ff=_vector(p.post_feedforward_layernorm.weight, D),
+                in_ln=gpu.vector(p.input_layernorm.weight, D), q_norm=gpu.vector(a.q_norm.weight, dh),
+                k_norm=gpu.vector(None if mode == SHARED else a.k_norm.weight, dh),
+                post_attn=gpu.vector(p.post_attention_layernorm.weight, D),
+                pre_ff=gpu.vector(p.pre_feedforward_layernorm.weight, D),
+                post_ff=gpu.vector(p.post_feedforward_layernorm.weight, D),
                 scalar=np.float32(float(to_f32(p.layer_scalar).reshape(-1)[0]))))
-        self.final_norm = _vector(params.norm.weight, D)
+        self.final_norm = gpu.vector(params.norm.weight, D)
         self.head = head
         f32 = lambda n: xp.zeros(n, xp.float32)  # noqa: E731
         self.h, self.y = f32(D), f32(D)  # normed input, sublayer output (the residual stream is per cache: `_bind`)
@@ -109,7 +104,6 @@ class GpuStep(StepPlan):
         self.arg_v, self.arg_i = f32(gpu.ARGMAX_BLOCKS), xp.zeros(gpu.ARGMAX_BLOCKS, xp.int64)
         self.token = xp.zeros(1, xp.int32)
         self.embed_table = params.embed_tokens.weight.bits
-        self.special = [-1 if t is None else t for t in (cfg.image_token_id, cfg.video_token_id, cfg.audio_token_id)]
         # what each run copies back, in two page-locked buffers used in turn (`_enqueue`)
         self.logits_host = [self._host_buffer(V, np.float32) for _ in range(2)]
         self.token_host = [self._host_buffer(1, np.int32) for _ in range(2)]
@@ -166,7 +160,7 @@ class GpuStep(StepPlan):
         row = lambda a, n: a[:n].reshape(1, n)  # noqa: E731 - a buffer's first n values as a [1, n] operand
         nums, masks, cos, sin, x = b.d
         gpu.embed_token_kernel[-(-D // T), T](nums, 2 * len(self.own), self.token, self.embed_table,
-                                              np.float32(D ** 0.5), self.cfg.pad_token_id, *self.special, x)
+                                              np.float32(D ** 0.5), *gpu.embedding_ids(self.cfg), x)
         h2, y2 = self.h.reshape(1, D), self.y.reshape(1, D)
         gpu.rms_norm_kernel[1, gpu.WIDE](x.reshape(1, D), self.layers[0].in_ln, eps, h2)
         for i, L in enumerate(self.layers):
