@@ -374,6 +374,13 @@ def _merge_splits(part_m, part_l, part_acc, values, nums, j, out):
             out[h, first] = acc / total
 
 
+@cuda.jit(device=True, inline=True)
+def _rotated(y, partner, first, c, s):
+    """RoPE of one value, as ref.layers.apply_rope: y * cos + rotate_half * sin, where rotate_half is -partner
+    for the first half of the head dims (first) and partner for the second (pairs (i, i + Dh/2))."""
+    return y * c + (-partner if first else partner) * s
+
+
 @cuda.jit
 def _head_prep(proj, q_w, k_w, cos, sin, heads, kv_heads, v_at, nums, j, eps, q, keys, values):
     """A decoding step's q, k, v from the token's projections proj [P] (q's heads, then k's, then v's from
@@ -398,7 +405,7 @@ def _head_prep(proj, q_w, k_w, cos, sin, heads, kv_heads, v_at, nums, j, eps, q,
             continue
         p = i + half if i < half else i - half
         y, partner = row[i] * inv * w[i], row[p] * inv * w[p]
-        y = y * cos[i] + (-partner if i < half else partner) * sin[i]
+        y = _rotated(y, partner, i < half, cos[i], sin[i])
         if kv:
             keys[slot, b - heads, i] = y
         else:
@@ -428,8 +435,8 @@ def _rope(x, cos, sin, out):
     half = Dh // 2
     for j in range(cuda.threadIdx.x, N * Dh, cuda.blockDim.x):
         n, i = j // Dh, j % Dh
-        partner = -x[r, n, i + half] if i < half else x[r, n, i - half]
-        out[r, n, i] = x[r, n, i] * cos[r, i] + partner * sin[r, i]
+        out[r, n, i] = _rotated(x[r, n, i], x[r, n, i + half] if i < half else x[r, n, i - half], i < half,
+                                cos[r, i], sin[r, i])
 
 
 @cuda.jit
@@ -465,6 +472,15 @@ def _split_rows(x, parts):
         _split3(x[j // K, j % K], parts, j // K, j % K)
 
 
+@cuda.jit(device=True, inline=True)
+def _embedding_value(table, t, i, scale, pad, image, video, audio):
+    """Value i of token t's embedding: the bf16 table [V, D] row times scale, a media placeholder id's being
+    pad's (ref.embedders.embed_inputs)."""
+    if t == image or t == video or t == audio:
+        t = pad
+    return as_f32(uint32(table[t, i]) << uint32(16)) * scale
+
+
 @cuda.jit
 def _embed_token(nums, at, token, table, scale, pad, image, video, audio, x):
     """If nums[at] is 1: x [D] <- row token[0] of the embedding table [V, D] (bf16 bits) times scale, as
@@ -472,11 +488,8 @@ def _embed_token(nums, at, token, table, scale, pad, image, video, audio, x):
     (x was uploaded). Grid-stride."""
     if nums[at] == 0:
         return
-    t = token[0]
-    if t == image or t == video or t == audio:
-        t = pad
     for i in range(cuda.grid(1), x.shape[0], cuda.gridsize(1)):
-        x[i] = as_f32(uint32(table[t, i]) << uint32(16)) * scale
+        x[i] = _embedding_value(table, token[0], i, scale, pad, image, video, audio)
 
 
 @cuda.jit
@@ -485,10 +498,7 @@ def _embed_rows(ids, table, scale, pad, image, video, audio, x):
     ref.embedders.embed_tokens (a media placeholder id embeds as pad, as embed_inputs). Grid-stride."""
     D = x.shape[1]
     for j in range(cuda.grid(1), x.size, cuda.gridsize(1)):
-        t = ids[j // D]
-        if t == image or t == video or t == audio:
-            t = pad
-        x[j // D, j % D] = as_f32(uint32(table[t, j % D]) << uint32(16)) * scale
+        x[j // D, j % D] = _embedding_value(table, ids[j // D], j % D, scale, pad, image, video, audio)
 
 
 @cuda.jit(device=True, inline=True)
@@ -547,13 +557,18 @@ def _argmax_final(part_v, part_i, token):
         token[0] = int32(at)
 
 
+@cuda.jit(device=True, inline=True)
+def _sum3(y, t, j):
+    """The product y[:, t, j] from `split_product`'s three summands: (y[0] + y[1]) + y[2]."""
+    return (y[0, t, j] + y[1, t, j]) + y[2, t, j]
+
+
 @cuda.jit
 def _sum_parts(parts, out):
-    """parts [3, M, N] -> out [M, N] = (parts[0] + parts[1]) + parts[2]. Grid-stride."""
+    """parts [3, M, N] -> out [M, N]: each value's three summands added (`_sum3`). Grid-stride."""
     N = out.shape[1]
     for j in range(cuda.grid(1), out.size, cuda.gridsize(1)):
-        r, c = j // N, j % N
-        out[r, c] = (parts[0, r, c] + parts[1, r, c]) + parts[2, r, c]
+        out[j // N, j % N] = _sum3(parts, j // N, j % N)
 
 
 @cuda.jit(device=True, inline=True)
@@ -571,12 +586,6 @@ def _gelu_mul(g, u, out):
 
 
 # ---- a prompt's fused kernels (fast/gpu_prefill.py): products come as three summands [3, T, N] ----------
-
-@cuda.jit(device=True, inline=True)
-def _sum3(y, t, j):
-    """The product y[:, t, j] of `split_product`'s three summands, added as `_sum_parts` adds them."""
-    return (y[0, t, j] + y[1, t, j]) + y[2, t, j]
-
 
 @cuda.jit
 def _norm_split_rows(x, w, eps, parts):
@@ -635,7 +644,7 @@ def _head_prep_rows(proj, q_w, k_w, cos, sin, heads, kv_heads, v_at, eps, q, k, 
             continue
         p = i + half if i < half else i - half
         y, partner = _sum3(proj, t, at + i) * inv * w[i], _sum3(proj, t, at + p) * inv * w[p]
-        y = y * cos[t, i] + (-partner if i < half else partner) * sin[t, i]
+        y = _rotated(y, partner, i < half, cos[t, i], sin[t, i])
         if is_k:
             k[t, b - heads, i] = y
         else:
