@@ -62,6 +62,26 @@ def test_transpose_is_exact(rows, cols, seed):
         np.testing.assert_array_equal(got.view(np.uint32), a.T.view(np.uint32))
 
 
+@settings(deadline=None, max_examples=60)
+@given(rows=st.integers(1, 9), cols=st.integers(1, 70), lo=st.integers(0, 3), offset=st.integers(0, 17),
+       seed=st.integers(0, 999))
+def test_upcast_rows_is_exact_at_any_alignment(rows, cols, lo, offset, seed):
+    """The prefill's upcast, bit for bit (every bf16 pattern: NaN payloads, infinities, subnormals, signed
+    zeros) into an output that starts `offset` floats past a cache line: the values before the first
+    whole line and after the last one take ordinary stores, the lines between streamed ones. Nothing
+    outside the output is written."""
+    w = np.random.default_rng(seed).integers(0, 1 << 16, size=(lo + rows + 2, cols)).astype(np.uint16)
+    w[lo, :4] = [0x7FC1, 0xFF80, 0x0001, 0x8000][:cols]
+    w.flags.writeable = False  # as a checkpoint's memory map
+    line = cpu._scratch(rows * cols + offset + 64)  # starts on a cache line
+    line[:] = np.nan
+    out = line[offset:offset + rows * cols].reshape(rows, cols)
+    cpu._upcast_rows(w, lo, lo + rows, out)
+    np.testing.assert_array_equal(out.view(np.uint32), w[lo:lo + rows].astype(np.uint32) << 16)
+    assert np.isnan(line[:offset]).all() and np.isnan(line[offset + rows * cols:]).all()
+    assert cpu._SCRATCH[0].ctypes.data % 64 == 0
+
+
 def test_numpys_openblas_offers_its_transposing_copy():
     """Where fast finds numpy's OpenBLAS (its thread shutdown), it also finds somatcopy: else every
     token-minor product would fall back to the 3x slower compiled transpose without a word."""
