@@ -907,6 +907,7 @@ class RingKVCache(KVCache):
         self.key_ok = np.zeros((batch, max_len), bool)
         self.block = np.full((batch, max_len), -1, np.int64)
         self.slots = {}  # layer -> [cap] absolute index of the token each slot holds (-1: none yet)
+        self._uploaded = {}  # this call's index arrays already on the device, by content (`_on_device`)
 
     def append_tokens(self, key_ok: np.ndarray, block: np.ndarray) -> int:
         start, T = self.length, key_ok.shape[1]
@@ -915,7 +916,19 @@ class RingKVCache(KVCache):
         self.key_ok[:, start:start + T] = key_ok
         self.block[:, start:start + T] = block
         self.length += T
+        self._uploaded = {}
         return start
+
+    def _on_device(self, a: np.ndarray):
+        """A host index array as `xp` holds it. Every layer of a kind stores a prompt's rows in the same
+        slots, so each distinct array is uploaded once per call of the decoder, not once per layer: an
+        upload from pageable memory makes the host wait for the device's queue to drain."""
+        if self.xp is np:
+            return a
+        key = (a.dtype.str, a.tobytes())
+        if key not in self._uploaded:
+            self._uploaded[key] = self.xp.asarray(a)
+        return self._uploaded[key]
 
     def claim(self, i: int, q: int) -> tuple[int, int]:
         """Give token q (absolute index) its slot in layer i's allocated arrays -> (slot, n): its K/V row goes
@@ -943,13 +956,13 @@ class RingKVCache(KVCache):
                 return keys[:, :n], values[:, :n], slots[:n]
         else:
             held = np.flatnonzero(filled)
-            on = self.xp.asarray(held)
+            on = self._on_device(held)
             k_att = self.xp.concatenate([keys[:, on], k], axis=1)
             v_att = self.xp.concatenate([values[:, on], v], axis=1)
             idx_att = np.concatenate([slots[held], q_idx])
         keep = q_idx > q_idx[-1] - cap if kind == SLIDING else np.ones(T, bool)
         s = q_idx[keep] % cap
-        on, kept = self.xp.asarray(s), self.xp.asarray(np.flatnonzero(keep))  # indices: no device sync to count
+        on, kept = self._on_device(s), self._on_device(np.flatnonzero(keep))  # indices: no device sync to count
         keys[:, on], values[:, on], slots[s] = k[:, kept], v[:, kept], q_idx[keep]
         return k_att, v_att, idx_att
 

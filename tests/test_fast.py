@@ -388,6 +388,37 @@ def test_ring_cache_matches_list_cache():
                     np.testing.assert_array_equal(vg[:, list(ig).index(j)], vw[:, list(iw).index(j)])
 
 
+def test_ring_cache_uploads_a_call_s_indices_once_for_all_layers():
+    """With K/V on a device (here a stand-in array module that counts uploads), a prompt's slot indices go
+    up once per decoder call, whatever the number of layers (each upload from pageable memory waits for
+    the device's queue); the keys, values and indices are those of the plain NumPy ring."""
+    import types
+
+    uploads = []
+    counting = types.SimpleNamespace(zeros=np.zeros, concatenate=np.concatenate,
+                                     asarray=lambda a: (uploads.append(a), np.array(a))[1])
+
+    def run(layers_per_kind, xp):
+        ring = type("Ring", (cpu.RingKVCache,), {"xp": xp})(1, 40)
+        uploads.clear()
+        rng, out = np.random.default_rng(0), []
+        for T in (7, 3):  # a prompt into the empty ring, then a chunk that attends over what it holds
+            idx = np.arange(ring.length, ring.length + T)
+            ring.append_tokens(np.ones((1, T), bool), np.full((1, T), -1))
+            k, v = rng.normal(size=(2, 1, T, 2, 4)).astype(np.float32)
+            for i in range(2 * layers_per_kind):
+                out.append(ring.extend(i, k, v, idx, SLIDING if i % 2 else FULL, 4))
+        return len(uploads), out
+
+    one, _ = run(1, counting)
+    three, got = run(3, counting)
+    _, want = run(3, np)
+    assert 0 < one == three
+    for g, w in zip(got, want):
+        for a, b in zip(g, w):
+            np.testing.assert_array_equal(a, b)
+
+
 @given(window=st.integers(1, 9), prompt=st.integers(1, 20), steps=st.integers(0, 25), kind=st.sampled_from([SLIDING, FULL]))
 def test_ring_slots_claimed_after_a_prefill_count_the_held_keys(window, prompt, steps, kind):
     """After a prefill of `prompt` tokens, each decoded token q takes slot q % cap and the count of held
