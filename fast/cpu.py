@@ -200,6 +200,12 @@ STREAM = platform.machine().lower() in ("x86_64", "amd64")
 _LANES = 16  # float32 values per streamed store: one 64-byte cache line
 
 
+@nb.njit(inline="always")
+def _to_line(address):
+    """float32 values from a 4-byte-aligned address to the next cache line (64 bytes) -> 0..15."""
+    return (-(address // 4)) % _LANES
+
+
 @intrinsic
 def _stream_bf16_line(typingctx, src, i, dst, j):
     """dst[j:j + 16] = the float32 values of the bf16 bits src[i:i + 16], as one streamed store of a whole
@@ -327,7 +333,7 @@ def _upcast_rows(w, lo, hi, out):
     n = src.size
     body = lead = 0
     if STREAM:
-        lead = min(n, (-(dst.ctypes.data // 4)) % _LANES)  # values before the first whole line
+        lead = min(n, _to_line(dst.ctypes.data))  # values before the first whole line
         body = (n - lead) // _LANES * _LANES
     for k in range(lead):
         dst[k] = bf16(src[k])
@@ -469,7 +475,7 @@ def _scratch(n: int) -> np.ndarray:
     starting on a cache line (64 bytes), where `_upcast_rows`'s streamed stores begin."""
     if _SCRATCH[0].size < n:
         raw = np.empty(n + _LANES, np.float32)
-        at = (-(raw.ctypes.data // 4)) % _LANES
+        at = _to_line(raw.ctypes.data)
         _SCRATCH[0] = raw[at:at + n]
     return _SCRATCH[0][:n]
 

@@ -934,9 +934,8 @@ def vector(w, n: int):
 def rms_norm(x, w=None, eps: float = 1e-6):
     N = x.shape[-1]
     x2 = _dev(x.reshape(-1, N), xp.float32)
-    wf = _ones(N) if w is None else _dev(to_f32(w))
     out = xp.empty_like(x2)
-    rms_norm_kernel[x2.shape[0], THREADS](x2, wf, np.float32(eps), out)
+    rms_norm_kernel[x2.shape[0], THREADS](x2, vector(w, N), np.float32(eps), out)
     return out.reshape(x.shape)
 
 
