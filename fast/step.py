@@ -85,10 +85,10 @@ def _layers(x, table, mats, norms, scalars, keys, values, masks, cos, sin, eps, 
         h = _norm(x, norms[7 * i + IN_LN], eps)  # 1
         ws = (mats[w + Q], mats[w + KP], mats[w + VP])  # 2
         count = 1 if mode == SHARED else 2 if mode == K_EQ_V else 3
-        first, col = cpu._gemv_layout(ws, count)
+        first, col, pairs = cpu._gemv_layout(h, ws, count)
         proj = np.empty((1, col[count]), np.float32)
         for pid in nb.prange(first[count]):
-            cpu._gemv_program(h, ws, first, col, pid, proj)
+            cpu._gemv_program(h, pairs, ws, first, col, pid, proj)
         c, s = cos[t[ROPE]:t[ROPE] + 1, :dh], sin[t[ROPE]:t[ROPE] + 1, :dh]
         q = np.empty((1, 1, hq, dh), np.float32)
         cpu._rope(_norm(proj[:, :nq].copy().reshape(hq, dh), norms[7 * i + Q_NORM], eps).reshape(1, hq, dh),
@@ -110,25 +110,26 @@ def _layers(x, table, mats, norms, scalars, keys, values, masks, cos, sin, eps, 
         a = np.empty((1, 1, hq, dh), np.float32)
         cpu._combine(v4, part_m, part_l, part_acc, a)
         ws = (mats[w + O], mats[w + O], mats[w + O])
-        first, col = cpu._gemv_layout(ws, 1)
+        a2 = a.reshape(1, nq)
+        first, col, pairs = cpu._gemv_layout(a2, ws, 1)
         o = np.empty((1, D), np.float32)
         for pid in nb.prange(first[1]):
-            cpu._gemv_program(a.reshape(1, nq), ws, first, col, pid, o)
+            cpu._gemv_program(a2, pairs, ws, first, col, pid, o)
         _add(x, _norm(o, norms[7 * i + POST_ATTN], eps))  # 3
         h = _norm(x, norms[7 * i + PRE_FF], eps)  # 4
         inter = t[INTER]
         ws = (mats[w + GATE], mats[w + UP], mats[w + UP])
-        first, col = cpu._gemv_layout(ws, 2)
+        first, col, pairs = cpu._gemv_layout(h, ws, 2)
         gu = np.empty((1, 2 * inter), np.float32)
         for pid in nb.prange(first[2]):
-            cpu._gemv_program(h, ws, first, col, pid, gu)
+            cpu._gemv_program(h, pairs, ws, first, col, pid, gu)
         g, u = gu[:, :inter].copy(), gu[:, inter:].copy()
         cpu._gelu_mul(g, u)
         ws = (mats[w + DOWN], mats[w + DOWN], mats[w + DOWN])
-        first, col = cpu._gemv_layout(ws, 1)
+        first, col, pairs = cpu._gemv_layout(g, ws, 1)
         d = np.empty((1, D), np.float32)
         for pid in nb.prange(first[1]):
-            cpu._gemv_program(g, ws, first, col, pid, d)
+            cpu._gemv_program(g, pairs, ws, first, col, pid, d)
         _add(x, _norm(d, norms[7 * i + POST_FF], eps))
         x *= scalars[i]  # 5
     cpu._rms_norm(x, final_norm, eps, out)

@@ -159,6 +159,33 @@ def test_linears_of_bf16_matrices_stream_in_one_pass(monkeypatch):
         close(g, w)
 
 
+@SETTINGS
+@given(n_in=st.integers(1, 90), outs=st.lists(st.integers(1, 40), min_size=1, max_size=3), m=st.integers(1, 3),
+       shifts=st.lists(st.booleans(), min_size=3, max_size=3), seed=st.integers(0, 999))
+def test_gemv_reads_bf16_pairs_where_it_can(n_in, outs, m, shifts, seed):
+    """One row of x and an even width: the GEMV reads each weight row as 32-bit words of two bf16 (x's even
+    and odd elements split once per call); an odd width, more rows of x, or a matrix that starts 2 bytes
+    past a 4-byte boundary (as a tensor can in a checkpoint's memory map) take the 16-bit path. Each
+    against the float64 product of the exact float32 values of the bits."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(m, n_in)).astype(np.float32)
+    ws = []
+    for n, shift in zip(outs, shifts):
+        raw = f32_to_bf16(rng.normal(size=n * n_in + 1).astype(np.float32))
+        w = raw[int(shift):int(shift) + n * n_in].reshape(n, n_in)
+        w.flags.writeable = False
+        assert (w.ctypes.data % 4 != 0) == shift
+        ws.append(w)
+    first, col, pairs = cpu._gemv_layout(x, tuple(ws), len(ws))
+    half = n_in // 2 if m == 1 and n_in % 2 == 0 else 0
+    assert pairs.shape == (2, half)
+    np.testing.assert_array_equal(pairs, x[0, :2 * half].reshape(half, 2).T)
+    out = np.full((m, sum(outs)), np.nan, np.float32)
+    cpu._gemv_bf16(x, tuple(ws), out)
+    want = np.concatenate([x.astype(np.float64) @ (w.astype(np.uint32) << 16).view(np.float32).T for w in ws], 1)
+    close(out, want)
+
+
 @pytest.mark.parametrize("out_rows", [3, 22, 37])
 def test_gemv_with_a_row_of_x_wider_than_l1(out_rows):
     """One token through a matrix wider than cpu.WIDE_IN (the 12B model's down_proj is 15360 wide): the
