@@ -283,15 +283,15 @@ def _gemv_layout(x, ws, count):
 def _gemv_program(x, pairs, ws, first, col, pid, out):
     """GEMV program pid (a block of ROWS rows of one matrix of ws; first, col, pairs from `_gemv_layout`):
     out[:, its columns] = x @ those rows^T. x [M, In] f32, ws a tuple of [Out_k, In] uint16 (bf16 bits).
-    Each weight row comes from memory once; the other rows of x reuse it from cache.
-    With one row of x, the weights upcast on the fly. Where pairs holds x's even and odd elements (and the
-    matrix starts on 4 bytes), each 32-bit word of a row holds two bf16: `word << 16` is the first one's
-    float32 and `word & 0xFFFF0000` the second's, two cheap operations where widening each 16-bit value
-    costs a shuffle, so a core issues fewer instructions per byte and keeps more loads in flight; on the
-    2-core Zen 4 that took the bench model's decode from 8.95 to 7.47 ms per token (medians of 118
-    interleaved pairs, 115 faster; fast/PERFORMANCE.md). With one row of x longer than WIDE_IN, four
-    weight rows share each load of x: x no longer sits in L1, and reading it again per weight row held a
-    15360-wide GEMV to 36 GB/s where the memory gives 50 (46 this way)."""
+    Each weight row comes from memory once; the other rows of x reuse it from cache. With one row of x the
+    weights upcast on the fly. Where pairs holds x's even and odd elements (and the matrix starts on 4
+    bytes), each 32-bit word of a row holds two bf16: `word << 16` is the first one's float32 and
+    `word & 0xFFFF0000` the second's, two cheap operations where widening each 16-bit value costs a
+    shuffle, so a core issues fewer instructions per byte and keeps more loads in flight; on the 2-core
+    Zen 4 that took the bench model's decode from 8.95 to 7.47 ms per token (medians of 118 interleaved
+    pairs, 115 faster; fast/PERFORMANCE.md). With one row of x longer than WIDE_IN, four weight rows share
+    each load of x: x no longer sits in L1, and reading it again per weight row held a 15360-wide GEMV to
+    36 GB/s where the memory gives 50 (46 this way)."""
     M, In = x.shape
     k = 0
     while pid >= first[k + 1]:

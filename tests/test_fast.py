@@ -23,7 +23,7 @@ from fast import cpu, maskrule  # noqa: E402
 from ref.config import FULL, SLIDING, from_hf_dict, tiny_hf_dict  # noqa: E402
 from ref.decoder import REF, KVCache  # noqa: E402
 from ref.masks import MaskSpec, layer_mask  # noqa: E402
-from ref.safetensors_io import Bf16, f32_to_bf16  # noqa: E402
+from ref.safetensors_io import Bf16, bf16_to_f32, f32_to_bf16  # noqa: E402
 from ref.tiny import random_tensors, write_checkpoint  # noqa: E402
 
 from helpers import attention_case, attention_strategies  # noqa: E402
@@ -182,7 +182,7 @@ def test_gemv_reads_bf16_pairs_where_it_can(n_in, outs, m, shifts, seed):
     np.testing.assert_array_equal(pairs, x[0, :2 * half].reshape(half, 2).T)
     out = np.full((m, sum(outs)), np.nan, np.float32)
     cpu._gemv_bf16(x, tuple(ws), out)
-    want = np.concatenate([x.astype(np.float64) @ (w.astype(np.uint32) << 16).view(np.float32).T for w in ws], 1)
+    want = np.concatenate([x.astype(np.float64) @ bf16_to_f32(w).T for w in ws], 1)
     close(out, want)
 
 
