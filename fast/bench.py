@@ -8,7 +8,8 @@ warm-up call: prefill is the best of `--repeats` calls, decode the median gap ov
 compile time (Numba compiling, or loading its cache: `model.compile()`) is reported on its own line and
 never counted. The machine's limits are measured in the same run, right before and after each CPU
 backend's timed calls: float32 GEMM peak (the bound for prefill) and memory read bandwidth (decode must
-stream every weight once per token).
+stream every weight once per token): the best of probes over fresh 1 GB buffers and a read of that
+backend's own weight buffers, the memory its decode streams.
 
 For numpy's OpenBLAS to use its best kernels, run it as
 `env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python -m fast.bench` where those are set.
@@ -75,12 +76,19 @@ def bench_prompt(tokens: int) -> np.ndarray:
     return np.concatenate([[2], np.random.default_rng(0).integers(3, 30000, tokens - 1)])[None]
 
 
+HEAD = "model.language_model.embed_tokens.weight"  # the bench model's output head (tied to the embedding)
+
+
+def decode_weight_shapes(hf: dict) -> dict:
+    """{name: shape} of the weights a decoded token reads: the decoder's matrices and the tied head."""
+    shapes = expected_shapes(from_hf_dict(hf))
+    return {n: s for n, s in shapes.items() if ("language_model.layers" in n and len(s) == 2) or n == HEAD}
+
+
 def decoder_weight_counts(hf: dict) -> tuple[int, int]:
     """(parameters in the decoder's matrices incl. the tied head, of which the head) for FLOP/byte counts."""
-    shapes = expected_shapes(from_hf_dict(hf))
-    mats = sum(int(np.prod(s)) for n, s in shapes.items() if "language_model.layers" in n and len(s) == 2)
-    head = int(np.prod(shapes["model.language_model.embed_tokens.weight"]))
-    return mats + head, head
+    shapes = decode_weight_shapes(hf)
+    return sum(int(np.prod(s)) for s in shapes.values()), int(np.prod(shapes[HEAD]))
 
 
 def attention_flops(hf: dict, tokens: int) -> int:
@@ -153,6 +161,41 @@ def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
     return nbytes / min(probes) / 1e9
 
 
+def aligned_words(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous buffer -> the 8-byte words that lie wholly inside it, as a uint64 view (at most 7
+    bytes left out at each end)."""
+    b = a.reshape(-1).view(np.uint8)
+    lead = -b.ctypes.data % 8
+    n = max(0, b.size - lead) // 8
+    return b[lead:lead + 8 * n].view(np.uint64)
+
+
+def own_weight_buffers(model, hf: dict) -> list[np.ndarray]:
+    """The memory a decoded token of `model` streams (`decode_weight_shapes`), as numpy arrays over that
+    same memory: ref's or fast's loaded matrices (bf16 bits), or an HF model's parameters."""
+    names = decode_weight_shapes(hf)
+    if hasattr(model, "named_parameters"):  # HF transformers: torch tensors, float32 or bf16
+        import torch
+
+        params = dict(model.named_parameters())
+        return [params[n].detach().view(torch.uint8).numpy() for n in names]
+    return [np.asarray(getattr(model.tensors[n], "bits", model.tensors[n])) for n in names]
+
+
+def own_read_bandwidth(buffers: list, repeats: int = 5) -> float:
+    """GB/s summing the words of these buffers with every core (fast.cpu.read_words): how fast this
+    memory reads. On a host that places buffers in memory of different speed (the 2-core Zen 4's did:
+    one buffer read 35 GB/s while another read 60, and the reverse a minute later), a fresh probe
+    buffer alone can read slower than the weights a decode streams."""
+    from numba.typed import List
+
+    from fast.cpu import read_words
+
+    words = List([aligned_words(b) for b in buffers])
+    read_words(List(list(words)[:1]))
+    return sum(w.nbytes for w in words) / min(_timed(lambda: read_words(words)) for _ in range(repeats)) / 1e9
+
+
 def gpu_read_bandwidth(nbytes: int = 1 << 31, repeats: int = 5) -> float:
     """GB/s the GPU reads (a float32 sum over 2 GB, through torch), the bound for GPU decode."""
     import torch
@@ -176,19 +219,20 @@ def _timed(f) -> float:
 
 # ---- backends -----------------------------------------------------------------------------------
 
-def cpu_limits() -> tuple[float, float]:
-    """(sgemm GFLOP/s, read GB/s) now."""
-    return sgemm_peak(), read_bandwidth()
+def cpu_limits(buffers: list) -> tuple[float, float, float]:
+    """(sgemm GFLOP/s, read GB/s: the best probe, GB/s reading `buffers`, a backend's own weights) now."""
+    own = own_read_bandwidth(buffers)
+    return sgemm_peak(), max(read_bandwidth(), own), own
 
 
-def _summary(once, repeats, read_limits=True):
+def _summary(once, repeats, buffers=None):
     """`once() -> token arrival times` run `repeats` times -> (best time to the first token, median gap
-    between later tokens over every run, the CPU's limits). The median keeps a token that lost its core to
-    another process on a shared machine from counting as the backend's speed; the best prefill does the
-    same. The limits are read right before and right after these calls, and the better of each is kept:
-    a shared host's bandwidth moved between 46 and 80 GB/s within minutes, so a reading taken a minute
-    away from a backend's run can put it above 100 %."""
-    before = cpu_limits() if read_limits else None
+    between later tokens over every run, the CPU's limits, with `buffers`: the backend's own weights).
+    The median keeps a token that lost its core to another process on a shared machine from counting as
+    the backend's speed; the best prefill does the same. The limits are read right before and right after
+    these calls, and the better of each is kept: a shared host's bandwidth moved between 46 and 80 GB/s
+    within minutes, so a reading taken a minute away from a backend's run can put it above 100 %."""
+    before = cpu_limits(buffers) if buffers is not None else None
     prefill, gaps = [], []
     for _ in range(repeats):
         t0, stamps = once()
@@ -196,11 +240,11 @@ def _summary(once, repeats, read_limits=True):
             raise RuntimeError(f"the run produced {len(stamps)} tokens; decode needs at least 2")
         prefill.append(stamps[0] - t0)
         gaps += list(np.diff(stamps))
-    limits = tuple(map(max, before, cpu_limits())) if read_limits else None
+    limits = tuple(map(max, before, cpu_limits(buffers))) if buffers is not None else None
     return min(prefill), float(np.median(gaps)), limits
 
 
-def run_ours(model, ids, n_decode, repeats, cpu=True):
+def run_ours(model, ids, n_decode, repeats, buffers=None):
     def once():
         stamps: list[float] = []
         t0 = time.perf_counter()
@@ -208,10 +252,10 @@ def run_ours(model, ids, n_decode, repeats, cpu=True):
         return t0, stamps
 
     model.generate(ids, max_new_tokens=2)  # warm-up
-    return _summary(once, repeats, read_limits=cpu)
+    return _summary(once, repeats, buffers)
 
 
-def run_hf(path, dtype, device, ids, n_decode, repeats, attn="sdpa"):
+def run_hf(path, dtype, device, ids, n_decode, repeats, hf_cfg, attn="sdpa"):
     import torch
     from transformers import Gemma4UnifiedForConditionalGeneration
     from transformers.generation.streamers import BaseStreamer
@@ -244,7 +288,7 @@ def run_hf(path, dtype, device, ids, n_decode, repeats, attn="sdpa"):
 
     with torch.no_grad():
         model.generate(x, max_new_tokens=2, min_new_tokens=2, do_sample=False)  # warm-up
-    return _summary(once, repeats, read_limits=device == "cpu")
+    return _summary(once, repeats, own_weight_buffers(model, hf_cfg) if device == "cpu" else None)
 
 
 def main(argv=None) -> int:
@@ -288,34 +332,38 @@ def main(argv=None) -> int:
 
         def record(name, prefill, decode, limits, bytes_per_weight, gpu_bw=None):
             cpu = gpu_bw is None  # GPU rows: no CPU prefill limits; decode against the GPU's read bandwidth
-            peak, bw = limits if cpu else (float("nan"), gpu_bw)
+            peak, bw, own = limits if cpu else (float("nan"), gpu_bw, float("nan"))
             rows.append({"backend": name, "cpu": cpu, "prefill_tok_s": args.prompt / prefill, "decode_ms": decode * 1e3,
-                         "peak_gflops": peak, "read_gbs": bw, "prefill_of_peak": flops / prefill / 1e9 / peak,
+                         "peak_gflops": peak, "read_gbs": bw, "own_read_gbs": own,
+                         "prefill_of_peak": flops / prefill / 1e9 / peak,
                          "prefill_s": prefill, "decode_of_bw": weights * bytes_per_weight / decode / 1e9 / bw})
 
         if have_torch:
             if "hf-f32" not in skip:
                 record("HF transformers f32 (cpu)", *run_hf(path, torch.float32, "cpu", ids, args.decode,
-                                                            args.repeats), 4)
+                                                            args.repeats, hf_cfg), 4)
             if "hf-bf16" not in skip:
                 record("HF transformers bf16 (cpu)", *run_hf(path, torch.bfloat16, "cpu", ids, args.decode,
-                                                             args.repeats), 2)
+                                                             args.repeats, hf_cfg), 2)
         if "ref" not in skip:
             import ref
 
-            record("ref (numpy)", *run_ours(ref.load_model(path), ids, args.decode, args.repeats), 2)
+            model = ref.load_model(path)
+            record("ref (numpy)", *run_ours(model, ids, args.decode, args.repeats, own_weight_buffers(model, hf_cfg)), 2)
         if "fast" not in skip:
             import fast
 
             model = fast.load_model(path)
             print(f"fast: kernels compiled (or loaded from Numba's cache) in {model.compile():.1f} s, not counted")
-            record("fast (numba, cpu)", *run_ours(model, ids, args.decode, args.repeats), 2)
+            record("fast (numba, cpu)", *run_ours(model, ids, args.decode, args.repeats,
+                                                  own_weight_buffers(model, hf_cfg)), 2)
         if have_torch and torch.cuda.is_available():
             gbw = gpu_read_bandwidth()
             print(f"GPU: {torch.cuda.get_device_name()}, read bandwidth {gbw:.0f} GB/s (GPU rows' 'of bw')")
             try:  # a peer that fails on this machine's transformers must not cost fast's own row
                 record("HF transformers bf16 (cuda, eager)",
-                       *run_hf(path, torch.bfloat16, "cuda", ids, args.decode, args.repeats, attn="eager"), 2, gbw)
+                       *run_hf(path, torch.bfloat16, "cuda", ids, args.decode, args.repeats, hf_cfg, attn="eager"),
+                       2, gbw)
             except Exception as e:
                 print(f"HF transformers bf16 (cuda): failed, its row is missing: {type(e).__name__}: {e}")
             if "fast-gpu" not in skip:
@@ -323,7 +371,7 @@ def main(argv=None) -> int:
 
                 model = fast.load_model(path, device="gpu")
                 print(f"fast gpu: kernels compiled in {model.compile():.1f} s, not counted")
-                record("fast (cupy + numba-cuda, gpu)", *run_ours(model, ids, args.decode, args.repeats, cpu=False),
+                record("fast (cupy + numba-cuda, gpu)", *run_ours(model, ids, args.decode, args.repeats),
                        2, gbw)
 
         bound = min(bound, gemm_bound(hf_cfg, args.prompt))  # again after the runs: the faster reading
@@ -337,18 +385,20 @@ def main(argv=None) -> int:
     best_pre = max((r["prefill_tok_s"] for r in hf_rows), default=None)
     best_dec = min((r["decode_ms"] for r in hf_rows), default=None)
     print(f"\n{'backend':34} {'prefill tok/s':>13} {'x best HF':>9} {'of peak':>8} {'of GEMMs':>8} "
-          f"{'decode ms/tok':>13} {'x best HF':>9} {'of bw':>6} {'peak':>6} {'bw':>5}")
+          f"{'decode ms/tok':>13} {'x best HF':>9} {'of bw':>6} {'peak':>6} {'bw':>5} {'own':>5}")
     for r in rows:
         rp = f"{r['prefill_tok_s'] / best_pre:.2f}" if best_pre else "-"
         rd = f"{best_dec / r['decode_ms']:.2f}" if best_dec else "-"
         print(f"{r['backend']:34} {r['prefill_tok_s']:13.0f} {rp:>9} {r['prefill_of_peak']:8.0%} "
               f"{r['prefill_of_gemm']:8.0%} {r['decode_ms']:13.1f} {rd:>9} {r['decode_of_bw']:6.0%} "
-              f"{r['peak_gflops']:6.0f} {r['read_gbs']:5.1f}")
+              f"{r['peak_gflops']:6.0f} {r['read_gbs']:5.1f} {r['own_read_gbs']:5.1f}")
     print("x best HF: speed relative to the fastest HF mode in this run (>1 is faster); of peak: prefill FLOP/s "
           "(decoder matrices, the head on one position, attention over the visible pairs) over the 2048^3 "
           "sgemm peak; of GEMMs: the float32 BLAS time of the prefill's own GEMMs over the prefill time; "
           "of bw: weight bytes per token over the read bandwidth; peak (GFLOP/s), bw (GB/s): the limits read "
-          "right before and after that row's timed calls, the better of each")
+          "right before and after that row's timed calls, the better of each, bw the best of 1 GB probes "
+          "and a read of the backend's own weight buffers (own, GB/s), which a host may place in faster or "
+          "slower memory than a probe's")
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "gemm_bound_s": bound}, indent=1))
     return 0

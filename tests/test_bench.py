@@ -33,6 +33,8 @@ def test_bench_runs_and_reports_every_backend(tmp_path, capsys):
                                                    if have_torch else set())
     assert names <= set(rows)
     assert all(r["prefill_tok_s"] > 0 and r["decode_ms"] > 0 for r in rows.values())
+    # each CPU row's bandwidth limit is the best reading, its own weight buffers' among them
+    assert all(r["read_gbs"] >= r["own_read_gbs"] > 0 for r in rows.values() if r["cpu"])
     assert "x best HF" in capsys.readouterr().out
 
 
@@ -127,3 +129,72 @@ def test_read_probe_sums_every_element(rows):
 
     a = np.random.default_rng(rows).random((rows, 37), dtype=np.float32)
     assert np.isclose(read_all(a), a.sum(dtype=np.float64), rtol=1e-5)
+
+
+@pytest.mark.parametrize("sizes", [[1], [7, 1], [8193], [3, 16384, 5, 40000]])
+def test_word_reader_sums_every_word_of_every_buffer(sizes):
+    """The reader over a backend's own weight buffers must touch every word of every buffer: its
+    wrapping uint64 sum equals numpy's over the same words, across its programs' boundaries (8192
+    words each) and between buffers of any size."""
+    from numba.typed import List
+
+    from fast.cpu import read_words
+
+    rng = np.random.default_rng(len(sizes))
+    words = [rng.integers(0, 2**63, n, dtype=np.uint64) for n in sizes]
+    want = np.uint64(sum(int(w.sum(dtype=np.uint64)) for w in words) % 2**64)
+    assert read_words(List(words)) == want
+
+
+@pytest.mark.parametrize("shift", range(8))
+def test_aligned_words_cover_a_buffer_but_its_unaligned_ends(shift):
+    """A buffer seen as the 8-byte words that lie wholly inside it, wherever it starts: the words are
+    the buffer's own bytes (a view, not a copy), and fewer than 8 bytes are left over at each end."""
+    from fast.bench import aligned_words
+
+    raw = np.arange(1000, dtype=np.uint8)
+    a = raw[shift:shift + 901].view(np.uint8)
+    w = aligned_words(a)
+    assert w.dtype == np.uint64 and w.ctypes.data % 8 == 0 and np.shares_memory(w, a)
+    lead = w.ctypes.data - a.ctypes.data
+    assert 0 <= lead < 8 and 0 <= a.nbytes - lead - w.nbytes < 8
+    assert w.view(np.uint8).tobytes() == a[lead:lead + w.nbytes].tobytes()
+
+
+def test_weight_buffers_are_the_decodes_own_bytes(tmp_path):
+    """The bytes the bench reads for 'own' are the arrays a decoded token streams: for ref and fast the
+    checkpoint's bf16 matrices and the head table as loaded (the same memory), as many bytes as the
+    bench's weight count at 2 bytes each."""
+    import fast
+    import ref
+    from fast import bench
+    from ref.config import tiny_hf_dict
+
+    hf = tiny_hf_dict()
+    path = bench.write_bench_checkpoint(tmp_path, hf)
+    weights, _ = bench.decoder_weight_counts(hf)
+    for model in (ref.load_model(path), fast.load_model(path)):
+        buffers = bench.own_weight_buffers(model, hf)
+        assert sum(b.nbytes for b in buffers) == 2 * weights
+        head = model.tensors["model.language_model.embed_tokens.weight"].bits
+        assert any(np.shares_memory(b, head) for b in buffers)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_hf_weight_buffers_are_its_parameters_bytes(tmp_path, dtype):
+    """For HF the bench reads its model's own parameters (upcast to float32 or kept in bf16), the tied
+    head once: the bench's weight count at 4 or 2 bytes each, in the parameters' memory."""
+    torch = pytest.importorskip("torch", reason="the interop extra (torch, transformers) is not installed")
+    from transformers import Gemma4UnifiedForConditionalGeneration
+
+    from fast import bench
+    from ref.config import tiny_hf_dict
+
+    hf = tiny_hf_dict()
+    path = bench.write_bench_checkpoint(tmp_path, hf)
+    model = Gemma4UnifiedForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, dtype))
+    buffers = bench.own_weight_buffers(model, hf)
+    weights, _ = bench.decoder_weight_counts(hf)
+    assert sum(b.nbytes for b in buffers) == weights * (4 if dtype == "float32" else 2)
+    q = model.get_parameter("model.language_model.layers.0.self_attn.q_proj.weight")
+    assert any(b.ctypes.data == q.data_ptr() for b in buffers)
