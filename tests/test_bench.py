@@ -54,6 +54,20 @@ def test_estimate_12b_times_every_layer_and_the_head(tmp_path):
         assert len(per_layer) == len(model.config.layers) and all(t > 0 for t in per_layer) and head > 0
 
 
+def test_estimate_12b_runs_end_to_end_with_its_limits(monkeypatch, capsys):
+    """The whole tool, with the 12B's sizes replaced by the tiny config's (the real ones write 3 GB):
+    every backend's two phases are printed, each against a limit read as fast.bench reads it."""
+    from ref.config import tiny_hf_dict
+
+    tool = _tool("estimate_12b")
+    monkeypatch.setattr(tool, "gemma4_12b_hf_dict", tiny_hf_dict)
+    assert tool.main(["--prompt", "30", "--decode", "2"]) == 0
+    out = capsys.readouterr().out
+    for name in ("numpy", "fast, mapped", "fast, copied"):
+        assert f"--backend {name} prefill" in out and f"--backend {name} decode" in out
+    assert out.count("GFLOP/s") >= 3 and out.count("GB/s") >= 3
+
+
 def test_profile_fast_accounts_for_every_timed_function(tmp_path):
     """tools/profile_fast.py on a tiny bf16 model: the own times of the timed functions are positive and add
     up to no more than the phase they were measured in; prefill runs token-minor (fast/prefill.py's functions

@@ -100,13 +100,12 @@ def main(argv=None) -> int:
                          ("--backend fast, copied", partial(fast.load_model, resident=True))]
         except ImportError:
             print("fast: not installed (pip install '.[fast]')")
-        read_limits = None
-        if len(backends) > 1:  # the machine's limits, read as fast.bench reads them
-            from fast.bench import cpu_limits, decoder_weight_counts, prefill_flops
+        measure = len(backends) > 1  # the limits, where fast (its probes) is installed
+        if measure:  # the machine's limits, read as fast.bench reads them
+            from fast.bench import cpu_limits, decoder_weight_counts, own_weight_buffers, prefill_flops
 
             weights, _ = decoder_weight_counts(gemma4_12b_hf_dict())
             flops = prefill_flops(gemma4_12b_hf_dict(), args.prompt)
-            read_limits = cpu_limits
             print(f"the real model: {flops / 1e12:.2f} TFLOP for this prefill (attention counted as causal), "
                   f"{2 * weights / 1e9:.1f} GB of bf16 weights read per decoded token; the limits are read right "
                   f"before and after each phase (prefill, decode steps), the better of each")
@@ -116,12 +115,14 @@ def main(argv=None) -> int:
             # map the weights in, compile (or load Numba's cache) for fast, and let the allocator meet the
             # prompt's activation sizes once: a first 300-token prefill ran 20-30 % slower than the next
             run_steps(model, args.prompt, 2)
-            readings = [read_limits()] if read_limits else []  # before, between and after the phases
-            between = (lambda: readings.append(read_limits())) if read_limits else None
+            # before, between and after the phases; the bandwidth also over this model's own weights
+            limits_now = partial(cpu_limits, own_weight_buffers(model, hf)) if measure else None
+            readings = [limits_now()] if measure else []
+            between = (lambda: readings.append(limits_now())) if measure else None
             r = run_steps(model, args.prompt, args.decode, between)
-            readings += [read_limits()] if read_limits else []
+            readings += [limits_now()] if measure else []
             for i, phase in enumerate(("prefill", "decode")):
-                limits = tuple(map(max, readings[i], readings[i + 1])) if read_limits else None
+                limits = tuple(map(max, readings[i], readings[i + 1])) if measure else None
                 (sliding, full), head = r[phase]
                 total = counts[SLIDING] * sliding + counts[FULL] * full + head
                 rate = (f"{total:6.1f} s = {args.prompt / total:.1f} tok/s" if phase == "prefill"
