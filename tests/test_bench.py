@@ -68,6 +68,22 @@ def test_estimate_12b_runs_end_to_end_with_its_limits(monkeypatch, capsys):
     assert out.count("GFLOP/s") >= 3 and out.count("GB/s") >= 3
 
 
+def test_profile_fast_runs_end_to_end(monkeypatch, capsys):
+    """The whole tool on the tiny config instead of the bench model: both tables and the bandwidth line."""
+    from fast import bench
+    from ref.config import tiny_hf_dict
+
+    ids = {k: v for k, v in bench.bench_config(2).items() if k.endswith(("_token_id", "_token_index"))}
+
+    def small(layers):  # the tiny sizes, with the bench's vocabulary and media ids (its prompt's ids reach 30000)
+        return tiny_hf_dict(vocab_size=32768) | ids
+
+    monkeypatch.setattr(bench, "bench_config", small)
+    assert _tool("profile_fast").main(["--prompt", "16", "--decode", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "prefill, 16 tokens" in out and "decode, per token" in out and "over the model's own weights" in out
+
+
 def test_profile_fast_accounts_for_every_timed_function(tmp_path):
     """tools/profile_fast.py on a tiny bf16 model: the own times of the timed functions are positive and add
     up to no more than the phase they were measured in; prefill runs token-minor (fast/prefill.py's functions
