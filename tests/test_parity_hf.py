@@ -380,3 +380,29 @@ def test_12b_parameter_count_matches_hf_module_tree():
 
     theirs = {canonical_name(n): s for n, s in theirs.items() if n != "lm_head.weight"}
     assert theirs == expected_shapes(ref.from_hf_dict(gemma4_12b_hf_dict()))
+
+
+@pytest.mark.parametrize("head_dim, global_head_dim, partial", [(256, 512, 0.25), (128, 256, 1.0), (96, 256, 0.5),
+                                                                (64, 128, 0.25)])
+def test_rope_frequencies_are_hfs(head_dim, global_head_dim, partial):
+    """ref's RoPE frequencies per layer type against HF's own buffers (its rotary module, built from the
+    same config): equal, except in the few entries where torch's float32 pow is one unit in the last
+    place off and ours is correctly rounded (tests/test_properties.py). With numpy's float32 power 9-50
+    entries of each table differed, each moving a RoPE angle by position x 6e-8 rad."""
+    from transformers import Gemma4UnifiedConfig
+    from transformers.models.gemma4_unified.modeling_gemma4_unified import Gemma4UnifiedTextRotaryEmbedding
+
+    from ref.layers import rope_inv_freq
+
+    hf_cfg = tiny_hf_dict(head_dim=head_dim, global_head_dim=global_head_dim, rope_parameters={
+        SLIDING: {"rope_type": "default", "rope_theta": 1e4},
+        FULL: {"rope_type": "proportional", "rope_theta": 1e6, "partial_rotary_factor": partial}})
+    rotary = Gemma4UnifiedTextRotaryEmbedding(Gemma4UnifiedConfig(**hf_cfg).text_config)
+    cfg = ref.from_hf_dict(hf_cfg)
+    for kind in (SLIDING, FULL):
+        spec = next(s for s in cfg.layers if s.kind == kind)
+        theirs = getattr(rotary, f"{kind}_inv_freq").numpy()
+        ours = rope_inv_freq(spec.rope, spec.head_dim)
+        assert ours.shape == theirs.shape and ours.dtype == theirs.dtype == np.float32
+        apart = np.abs(ours.view(np.int32).astype(np.int64) - theirs.view(np.int32))  # units in the last place
+        assert apart.max() <= 1 and (apart > 0).sum() <= 3, (kind, np.flatnonzero(apart))
