@@ -21,8 +21,10 @@ def linear(x: np.ndarray, w, b=None) -> np.ndarray:
 
 
 def rms_norm(x: np.ndarray, w=None, eps: float = 1e-6) -> np.ndarray:
-    """[..., N] -> [..., N]. Gemma4UnifiedRMSNorm: x * (mean(x^2) + eps)^-0.5 * w (w, not 1 + w; None = no scale)."""
-    y = x * np.power(np.mean(x * x, axis=-1, keepdims=True) + np.float32(eps), np.float32(-0.5))
+    """[..., N] -> [..., N]. Gemma4UnifiedRMSNorm: x * (mean(x^2) + eps)^-0.5 * w (w, not 1 + w; None = no scale).
+    The -0.5 power is 1 / sqrt, rounded twice, as torch computes HF's pow(., -0.5) (numpy's float32 power
+    rounds differently in about a third of its values)."""
+    y = x * (np.float32(1.0) / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(eps)))
     return y if w is None else y * to_f32(w)
 
 

@@ -424,3 +424,25 @@ def test_rope_frequencies_are_hfs(head_dim, global_head_dim, partial):
         assert ours.shape == theirs.shape and ours.dtype == theirs.dtype == np.float32
         apart = np.abs(ours.view(np.int32).astype(np.int64) - theirs.view(np.int32))  # units in the last place
         assert apart.max() <= 1 and (apart > 0).sum() <= 3, (kind, np.flatnonzero(apart))
+
+
+def test_rms_norm_rounds_as_hfs():
+    """x * (mean(x^2) + eps)^-0.5 rounds as HF's does: torch computes a pow of -0.5 as 1 / sqrt (two
+    roundings), where numpy's float32 power differs in about a third of its values. Rows of +-c, c with 8
+    significant bits, make mean(x^2) exact in any summation order, so the two agree bit for bit."""
+    from transformers.models.gemma4_unified.modeling_gemma4_unified import Gemma4UnifiedRMSNorm
+
+    from ref.layers import rms_norm
+
+    rng = np.random.default_rng(0)
+    c = (rng.integers(129, 256, 500) * 2.0 ** rng.integers(-12, 4, 500)).astype(np.float32)
+    x = c[:, None] * rng.choice(np.float32([-1, 1]), (500, 64))
+    w = rng.random(64, dtype=np.float32) + np.float32(0.5)
+    for weight in (None, w):
+        norm = Gemma4UnifiedRMSNorm(64, eps=1e-6, with_scale=weight is not None)
+        if weight is not None:
+            norm.weight.data = torch.as_tensor(weight)
+        with torch.no_grad():
+            want = norm(torch.as_tensor(x)).numpy()
+        np.testing.assert_array_equal(rms_norm(x, weight, 1e-6), want)
+
