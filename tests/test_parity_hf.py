@@ -446,3 +446,19 @@ def test_rms_norm_rounds_as_hfs():
             want = norm(torch.as_tensor(x)).numpy()
         np.testing.assert_array_equal(rms_norm(x, weight, 1e-6), want)
 
+
+def test_parity_sweep_tool_runs_and_fails_past_its_bound(capsys):
+    """tools/parity_sweep.py at a small width and prompt: one line per draw and a worst line, exit 0 within
+    the bound; with a bound of 0 (no float32 port meets it) exit 1."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("parity_sweep", Path(__file__).parents[1] / "tools" / "parity_sweep.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    backends = "ref,fast" if LOADERS["fast"] is not None else "ref"
+    small = ["--trials", "2", "--widths", "64", "--prompts", "30", "--new-tokens", "2", "--backends", backends]
+    assert tool.main(small) == 0
+    out = capsys.readouterr().out
+    assert out.count("HF float32 vs float64") == 2 and "worst: ref" in out
+    assert tool.main(small + ["--tol", "0"]) == 1
