@@ -67,12 +67,14 @@ def main(argv=None) -> int:
     try:
         import hf_peer
         import torch
+        from transformers.utils import logging
     except ImportError as e:
         print(f"parity_sweep: needs the interop extra (pip install '.[interop]'): {e}", file=sys.stderr)
         return 2
     import ref
 
     torch.set_num_threads(os.cpu_count() or 1)  # hf_peer keeps torch to one thread, for tiny models
+    logging.disable_progress_bar()  # HF's bars for every save and load
     loaders = {"ref": ref.load_model}
     if "fast" in args.backends.split(","):
         import fast
