@@ -296,8 +296,19 @@ def gemma4_12b_hf_dict() -> dict:
     }
 
 
+MEDIA_TOKENS = ("image_token_id", "audio_token_id", "video_token_id", "boi_token_id", "eoi_token_id",
+                "boa_token_id", "eoa_token_index")
+
+
+def media_token_ids(vocab_size: int) -> dict:
+    """The seven media token ids of a test config, at vocab_size - 12 onwards in MEDIA_TOKENS order (500-506
+    for the tiny vocabulary of 512), clear of the random text ids tests draw from the bottom of it."""
+    return {name: vocab_size - 12 + i for i, name in enumerate(MEDIA_TOKENS)}
+
+
 def tiny_hf_dict(**text_overrides) -> dict:
-    """A few-hundred-thousand-parameter config with every feature of the real one, for tests."""
+    """A few-hundred-thousand-parameter config with every feature of the real one, for tests. Its media
+    token ids follow the vocabulary (`media_token_ids`), so a wider vocab_size moves them to its top."""
     text = {
         "vocab_size": 512, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 6,
         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "global_head_dim": 32,
@@ -310,8 +321,7 @@ def tiny_hf_dict(**text_overrides) -> dict:
         "text_config": text,
         "vision_config": {"mm_embed_dim": 48, "mm_posemb_size": 64, "output_proj_dims": 48},
         "audio_config": {"audio_embed_dim": 640},
-        "image_token_id": 500, "audio_token_id": 501, "video_token_id": 502,
-        "boi_token_id": 503, "eoi_token_id": 504, "boa_token_id": 505, "eoa_token_index": 506,
+        **media_token_ids(text["vocab_size"]),
     }
 
 

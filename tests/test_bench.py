@@ -73,12 +73,8 @@ def test_profile_fast_runs_end_to_end(monkeypatch, capsys):
     from fast import bench
     from ref.config import tiny_hf_dict
 
-    ids = {k: v for k, v in bench.bench_config(2).items() if k.endswith(("_token_id", "_token_index"))}
-
-    def small(layers):  # the tiny sizes, with the bench's vocabulary and media ids (its prompt's ids reach 30000)
-        return tiny_hf_dict(vocab_size=32768) | ids
-
-    monkeypatch.setattr(bench, "bench_config", small)
+    # the tiny sizes with the bench's vocabulary (its prompt's ids reach 30000; the media ids follow it)
+    monkeypatch.setattr(bench, "bench_config", lambda layers: tiny_hf_dict(vocab_size=bench.BENCH_VOCAB))
     assert _tool("profile_fast").main(["--prompt", "16", "--decode", "2"]) == 0
     out = capsys.readouterr().out
     assert "prefill, 16 tokens" in out and "decode, per token" in out and "over the model's own weights" in out

@@ -195,8 +195,6 @@ def test_far_positions_as_near_float64_as_hfs_float32(tmp_path, load):
     hf_cfg = tiny_hf_dict(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
                           num_attention_heads=8, num_key_value_heads=4, head_dim=128, global_head_dim=256,
                           sliding_window=200, layer_types=[SLIDING, SLIDING, SLIDING, FULL])
-    hf_cfg.update(image_token_id=1020, audio_token_id=1021, video_token_id=1022, boi_token_id=1023,
-                  eoi_token_id=1019, boa_token_id=1018, eoa_token_index=1017)
     path = hf_peer.save(hf_peer.build(hf_cfg, 1), tmp_path / "ckpt", torch.bfloat16)
     hf = hf_peer.load(path)
     ids = np.random.default_rng(1).integers(3, 1000, (1, 900))

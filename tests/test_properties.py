@@ -192,3 +192,16 @@ def test_cached_generation_equals_recomputation(tmp_path_factory, c, prompt_len,
                                **media)[:, -1]
         top2 = np.sort(logits, axis=-1)[:, -2:]
         assert (top2[:, 1] - top2[:, 0]).min() < 1e-4, "cache and recomputation disagree on a clear choice"
+
+
+def test_media_token_ids_follow_the_vocabulary():
+    """A test config's seven media ids lie at the top of its vocabulary, whatever its size, clear of the
+    text ids tests draw from its bottom; the tiny vocabulary keeps golden/'s ids 500-506 (golden/README)."""
+    from ref.config import MEDIA_TOKENS, media_token_ids
+
+    assert media_token_ids(512) == dict(zip(MEDIA_TOKENS, range(500, 507)))
+    for vocab in (64, 512, 4096, 32768):
+        cfg = ref.from_hf_dict(tiny_hf_dict(vocab_size=vocab))
+        ids = [cfg.image_token_id, cfg.audio_token_id, cfg.video_token_id, cfg.boi_token_id, cfg.eoi_token_id,
+               cfg.boa_token_id, cfg.eoa_token_id]
+        assert len(set(ids)) == 7 and vocab - 12 <= min(ids) and max(ids) < vocab
