@@ -262,6 +262,16 @@ PAIRS = sys.byteorder == "little"  # the pair's first bf16 is its low half
 
 
 @nb.njit(cache=True)
+def part_of(first, i):
+    """first int64 [n + 1], non-decreasing, part k spanning first[k] .. first[k + 1] - 1; i < first[n]
+    -> the part k that holds i (an empty part holds nothing)."""
+    k = 0
+    while i >= first[k + 1]:
+        k += 1
+    return k
+
+
+@nb.njit(cache=True)
 def _gemv_layout(x, ws, count):
     """The programs of a GEMV of x [M, In] over the first `count` matrices of ws -> (first, col, pairs):
     first, col int64 [count + 1], the first program and the first output column of each matrix
@@ -293,9 +303,7 @@ def _gemv_program(x, pairs, ws, first, col, pid, out):
     each load of x: x no longer sits in L1, and reading it again per weight row held a 15360-wide GEMV to
     36 GB/s where the memory gives 50 (46 this way)."""
     M, In = x.shape
-    k = 0
-    while pid >= first[k + 1]:
-        k += 1
+    k = part_of(first, pid)
     w, c = ws[k], col[k]
     o, end = (pid - first[k]) * ROWS, min(w.shape[0], (pid - first[k] + 1) * ROWS)
     if pairs.shape[1] > 0 and w.ctypes.data % 4 == 0:  # so M == 1 and In == 2 * pairs.shape[1]
@@ -1050,27 +1058,33 @@ def read_all(a):
     return parts.sum()
 
 
-WORDS_PER_PROGRAM = 8192  # 64 KB of a buffer per program of `read_words`
+TASK_WORDS = 1 << 18  # 2 MB of the buffers per task of `read_words`
 
 
 @nb.njit(parallel=True, cache=True)
-def read_words(words):
-    """Sum every word of a typed list of uint64 arrays [n_k] with every core, WORDS_PER_PROGRAM words per
-    program -> uint64 (wrapping): a read-bandwidth probe over buffers that already exist (a model's own
-    weights), with integer adds, which any bit pattern leaves at full speed."""
-    first = np.zeros(len(words) + 1, np.int64)
+def read_words(words, task=TASK_WORDS):
+    """Sum every word of a typed list of uint64 arrays [n_k] with every core -> uint64 (wrapping): a
+    read-bandwidth probe over buffers that already exist (a model's own weights), with integer adds,
+    which any bit pattern leaves at full speed. The buffers are read as one stream cut into tasks of
+    `task` words; a task takes each buffer it covers from the list once. (Reading the list once per 64
+    KB held the probe ~6 % under `read_all` over one 1 GB buffer and ~16 % under it over the same
+    gigabyte cut into the bench model's matrix sizes, where memory gave 58 GB/s; this way both read
+    within ~3 % of it.)"""
+    start = np.zeros(len(words) + 1, np.int64)  # where each buffer begins in the stream
     for k in range(len(words)):
-        first[k + 1] = first[k] + (words[k].size + WORDS_PER_PROGRAM - 1) // WORDS_PER_PROGRAM
-    parts = np.zeros(first[-1], np.uint64)
-    for pid in nb.prange(first[-1]):
-        k = 0
-        while pid >= first[k + 1]:
-            k += 1
-        lo = (pid - first[k]) * WORDS_PER_PROGRAM
+        start[k + 1] = start[k] + words[k].size
+    n = (start[-1] + task - 1) // task
+    parts = np.zeros(n, np.uint64)
+    for t in nb.prange(n):
+        at, end = t * task, min(start[-1], (t + 1) * task)
+        k = part_of(start, at)
         s = np.uint64(0)
-        for v in words[k][lo:lo + WORDS_PER_PROGRAM]:  # over a slice: an index loop here ran at a third
-            s += v
-        parts[pid] = s
+        while at < end:
+            stop = min(end, start[k + 1])
+            for v in words[k][at - start[k]:stop - start[k]]:  # over a slice: an index loop ran at a third
+                s += v
+            at, k = stop, k + 1
+        parts[t] = s
     total = np.uint64(0)
     for p in parts:
         total += p

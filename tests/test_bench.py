@@ -157,11 +157,12 @@ def test_read_probe_sums_every_element(rows):
     assert np.isclose(read_all(a), a.sum(dtype=np.float64), rtol=1e-5)
 
 
-@pytest.mark.parametrize("sizes", [[1], [7, 1], [8193], [3, 16384, 5, 40000]])
-def test_word_reader_sums_every_word_of_every_buffer(sizes):
-    """The reader over a backend's own weight buffers must touch every word of every buffer: its
-    wrapping uint64 sum equals numpy's over the same words, across its programs' boundaries (8192
-    words each) and between buffers of any size."""
+@pytest.mark.parametrize("sizes", [[1], [7, 1], [0, 5, 0], [3, 0, 11, 5, 40]])
+@pytest.mark.parametrize("task", [1, 4, 5, 1 << 18])
+def test_word_reader_sums_every_word_of_every_buffer(sizes, task):
+    """The reader over a backend's own weight buffers must touch every word of every buffer once: its
+    wrapping uint64 sum equals numpy's over the same words, with tasks that end inside a buffer, on a
+    buffer's edge, or span several buffers, empty ones among them."""
     from numba.typed import List
 
     from fast.cpu import read_words
@@ -169,7 +170,17 @@ def test_word_reader_sums_every_word_of_every_buffer(sizes):
     rng = np.random.default_rng(len(sizes))
     words = [rng.integers(0, 2**63, n, dtype=np.uint64) for n in sizes]
     want = np.uint64(sum(int(w.sum(dtype=np.uint64)) for w in words) % 2**64)
-    assert read_words(List(words)) == want
+    assert read_words(List(words), task) == want
+
+
+def test_part_of_finds_the_part_that_holds_an_index():
+    """The search both the GEMV's programs and the word reader's tasks use, against a brute force over
+    parts of every size, empty ones included."""
+    from fast.cpu import part_of
+
+    first = np.array([0, 0, 3, 3, 4, 9], np.int64)  # parts 0 and 2 are empty
+    for i in range(first[-1]):
+        assert part_of(first, i) == next(k for k in range(len(first) - 1) if first[k] <= i < first[k + 1])
 
 
 @pytest.mark.parametrize("shift", range(8))
