@@ -1067,9 +1067,9 @@ def read_words(words, task=TASK_WORDS):
     read-bandwidth probe over buffers that already exist (a model's own weights), with integer adds,
     which any bit pattern leaves at full speed. The buffers are read as one stream cut into tasks of
     `task` words; a task takes each buffer it covers from the list once. (Reading the list once per 64
-    KB held the probe ~6 % under `read_all` over one 1 GB buffer and ~16 % under it over the same
-    gigabyte cut into the bench model's matrix sizes, where memory gave 58 GB/s; this way both read
-    within ~3 % of it.)"""
+    KB held the probe ~12 % under `read_all` over one 1 GB buffer and ~21 % under it over the same
+    gigabyte cut into the bench model's matrix sizes, where `read_all` read 58 GB/s; this way 2-7 %
+    under it in four sittings, cut or not.)"""
     start = np.zeros(len(words) + 1, np.int64)  # where each buffer begins in the stream
     for k in range(len(words)):
         start[k + 1] = start[k] + words[k].size
