@@ -219,10 +219,16 @@ def _timed(f) -> float:
 
 # ---- backends -----------------------------------------------------------------------------------
 
-def cpu_limits(buffers: list) -> tuple[float, float, float]:
-    """(sgemm GFLOP/s, read GB/s: the best probe, GB/s reading `buffers`, a backend's own weights) now."""
+def read_limits(buffers: list) -> tuple[float, float]:
+    """(GB/s of the best 1 GB probe, GB/s reading `buffers`, a backend's own weights) now."""
     own = own_read_bandwidth(buffers)
-    return sgemm_peak(), max(read_bandwidth(), own), own
+    return read_bandwidth(), own
+
+
+def cpu_limits(buffers: list) -> tuple[float, float, float]:
+    """(sgemm GFLOP/s, read GB/s: the better of `read_limits`, GB/s reading `buffers`) now."""
+    probe, own = read_limits(buffers)
+    return sgemm_peak(), max(probe, own), own
 
 
 def _summary(once, repeats, buffers=None):

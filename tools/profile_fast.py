@@ -163,8 +163,8 @@ def table(title: str, total: float, rows: dict) -> str:
 
 def main(argv=None) -> int:
     import fast
-    from fast.bench import (bench_config, bench_prompt, decoder_weight_counts, own_read_bandwidth, own_weight_buffers,
-                            read_bandwidth, write_bench_checkpoint)
+    from fast.bench import (bench_config, bench_prompt, decoder_weight_counts, own_weight_buffers, read_limits,
+                            write_bench_checkpoint)
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompt", type=int, default=512)
@@ -181,9 +181,9 @@ def main(argv=None) -> int:
         model.whole_step = not args.layer_code
         model.token_minor = not args.prefill_layer_code
         buffers = own_weight_buffers(model, hf)
-        bw, own = read_bandwidth(), own_read_bandwidth(buffers)
+        before = read_limits(buffers)
         r = profile(model, bench_prompt(args.prompt), args.decode)
-        bw, own = max(bw, read_bandwidth()), max(own, own_read_bandwidth(buffers))
+        bw, own = map(max, before, read_limits(buffers))
     weight_bytes = 2 * decoder_weight_counts(hf)[0]
     print(table(f"prefill, {args.prompt} tokens (fastest of 3)", *r["prefill"]))
     print()
