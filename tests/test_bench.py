@@ -235,3 +235,27 @@ def test_hf_weight_buffers_are_its_parameters_bytes(tmp_path, dtype):
     assert sum(b.nbytes for b in buffers) == weights * (4 if dtype == "float32" else 2)
     q = model.get_parameter("model.language_model.layers.0.self_attn.q_proj.weight")
     assert any(b.ctypes.data == q.data_ptr() for b in buffers)
+
+
+def test_gemv_breakdown_products_and_report(capsys):
+    """tools/gemv_breakdown.py: its per-matrix loop gives each matrix's product (against float64 over the exact
+    values of the bits), and a one-layer run prints a line per round and the medians of its phase."""
+    from numba.typed import List
+
+    from ref.safetensors_io import bf16_to_f32, f32_to_bf16
+
+    tool = _tool("gemv_breakdown")
+    rng = np.random.default_rng(3)
+    mats = [f32_to_bf16(rng.normal(size=shape).astype(np.float32)) for shape in [(40, 1024), (17, 2048), (8, 4096)]]
+    xs = List([rng.normal(size=(1, 1024 * k)).astype(np.float32) for k in range(1, 5)])
+    for m in mats:
+        out = np.full((1, 64), np.nan, np.float32)
+        tool.gemv_each(List([m]), xs, out)
+        want = xs[m.shape[1] // 1024 - 1].astype(np.float64) @ bf16_to_f32(m).T
+        np.testing.assert_allclose(out[:, :m.shape[0]], want, rtol=1e-5, atol=1e-4)
+        assert np.isnan(out[:, m.shape[0]:]).all()
+    assert tool.main(["--rounds", "2", "--repeats", "1", "--layers", "1", "--probe-mb", "64"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("6 matrices")  # one global layer, whose v is k's projection: q, k, o, gate, up, down
+    assert len([ln for ln in lines if ln.startswith("one_matrix=")]) == 2
+    assert lines[-1].startswith("medians, ") and "python_calls=" in lines[-1]
