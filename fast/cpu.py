@@ -271,19 +271,29 @@ def part_of(first, i):
     return k
 
 
+# Where x's pairs start: 16 bytes past a 32-byte boundary. On the 2-core Zen 4 a GEMV whose weight rows and x
+# both started on 32-byte boundaries (the model's weights start on 64, `resident_copy`, and Numba's allocator
+# put the pairs on 32) streamed well below one with either 16 bytes off; decoding the bench model took 8.1
+# ms a token one way and 7.4 the other where memory read ~55 GB/s (fast/PERFORMANCE.md).
+X_PHASE = 16
+
+
 @nb.njit(cache=True)
 def _gemv_layout(x, ws, count):
     """The programs of a GEMV of x [M, In] over the first `count` matrices of ws -> (first, col, pairs):
     first, col int64 [count + 1], the first program and the first output column of each matrix
     (first[count] programs in all); pairs float32 [2, In // 2], x's even and odd elements for the pairs
-    path of `_gemv_program` (M == 1, In even and at most WIDE_IN), else [2, 0]."""
+    path of `_gemv_program` (M == 1, In even and at most WIDE_IN), else [2, 0]. pairs starts X_PHASE bytes
+    past a 32-byte boundary (its odd row too where 2 In is a multiple of 32, as every model width is)."""
     first, col = np.zeros(count + 1, np.int64), np.zeros(count + 1, np.int64)
     for k in range(count):
         first[k + 1] = first[k] + (ws[k].shape[0] + ROWS - 1) // ROWS
         col[k + 1] = col[k] + ws[k].shape[0]
     M, In = x.shape
     half = In // 2 if PAIRS and M == 1 and In % 2 == 0 and In <= WIDE_IN else 0
-    pairs = np.empty((2, half), np.float32)
+    room = np.empty(2 * half + 8, np.float32)  # room for the pairs from any 4-byte-aligned start
+    skip = (X_PHASE - room.ctypes.data % 32) % 32 // 4
+    pairs = room[skip:skip + 2 * half].reshape(2, half)
     for i in range(half):
         pairs[0, i], pairs[1, i] = x[0, 2 * i], x[0, 2 * i + 1]
     return first, col, pairs

@@ -6,8 +6,8 @@ alternate the ways so that every round sees the same memory phase:
 - `one_matrix`: fast's GEMV over one matrix holding all those bytes (1024 wide), one launch: the kernel's
   own speed, with no per-matrix cost;
 - `compiled`: the model's matrix shapes as views of one buffer (as `fast.cpu.resident_copy` lays the
-  weights out, in 2 MB pages), one parallel launch per matrix from compiled code, as `fast.step` runs a
-  decoded token;
+  weights out: in 2 MB pages, starting on 64 bytes), one parallel launch per matrix from compiled code,
+  as `fast.step` runs a decoded token;
 - `compiled_apart`: the same, each matrix allocated on its own (numpy asks for 2 MB pages from 4 MB, so
   the smaller ones lie in 4 KB pages);
 - `python_calls`: the shapes of `compiled`, one call of `fast.cpu._gemv_bf16` from Python per matrix (what
@@ -68,7 +68,9 @@ def main(argv=None) -> int:
         return rng.integers(0, 1 << 16, n, dtype=np.uint16) & 0xBFFF
 
     total = sum(o * i for o, i in shapes)
-    buf = bits(total)
+    room = bits(total + 32)
+    start = -room.ctypes.data % 64 // 2  # on 64 bytes, as fast.cpu.resident_copy lays the weights out
+    buf = room[start:start + total]
     views, at = [], 0
     for o, i in shapes:
         views.append(buf[at:at + o * i].reshape(o, i))
