@@ -271,29 +271,35 @@ def part_of(first, i):
     return k
 
 
-# Where x's pairs start: 16 bytes past a 32-byte boundary. On the 2-core Zen 4 a GEMV whose weight rows and x
-# both started on 32-byte boundaries (the model's weights start on 64, `resident_copy`, and Numba's allocator
-# put the pairs on 32) streamed well below one with either 16 bytes off; decoding the bench model took 8.1
-# ms a token one way and 7.4 the other where memory read ~55 GB/s (fast/PERFORMANCE.md).
+# Where x's pairs lie. On the 2-core Zen 4 the row loop streamed well below the memory where the weight rows
+# and x's pairs both started on 32-byte boundaries (the model's weights start on 64, `resident_copy`, and
+# Numba's allocator put the pairs on 32), and where x's odd elements sat at the same offset within a 4 KB
+# page as its even ones (4096-wide rows: 41-42 GB/s, against 55-58 with them 2 KB apart). So the even
+# elements start X_PHASE bytes past a 32-byte boundary and the odd ones ODD_SHIFT bytes further within the
+# page; decoding the bench model took 8.2 ms a token before and 7.4 after the first change alone where
+# memory read ~55 GB/s (fast/PERFORMANCE.md).
 X_PHASE = 16
+ODD_SHIFT = 2048
 
 
 @nb.njit(cache=True)
 def _gemv_layout(x, ws, count):
     """The programs of a GEMV of x [M, In] over the first `count` matrices of ws -> (first, col, pairs):
     first, col int64 [count + 1], the first program and the first output column of each matrix
-    (first[count] programs in all); pairs float32 [2, In // 2], x's even and odd elements for the pairs
-    path of `_gemv_program` (M == 1, In even and at most WIDE_IN), else [2, 0]. pairs starts X_PHASE bytes
-    past a 32-byte boundary (its odd row too where 2 In is a multiple of 32, as every model width is)."""
+    (first[count] programs in all); pairs float32 [2, >= In // 2], x's even and odd elements for the pairs
+    path of `_gemv_program` (M == 1, In even and at most WIDE_IN) in their first In // 2 columns, else
+    [2, 0]. The even row starts X_PHASE bytes past a 32-byte boundary and the odd row ODD_SHIFT bytes
+    further within a 4 KB page (the rows padded for it)."""
     first, col = np.zeros(count + 1, np.int64), np.zeros(count + 1, np.int64)
     for k in range(count):
         first[k + 1] = first[k] + (ws[k].shape[0] + ROWS - 1) // ROWS
         col[k + 1] = col[k] + ws[k].shape[0]
     M, In = x.shape
     half = In // 2 if PAIRS and M == 1 and In % 2 == 0 and In <= WIDE_IN else 0
-    room = np.empty(2 * half + 8, np.float32)  # room for the pairs from any 4-byte-aligned start
+    row = half + (ODD_SHIFT - 4 * half) % 4096 // 4 if half else 0  # floats from the even row to the odd
+    room = np.empty(2 * row + 8, np.float32)  # room for the pairs from any 4-byte-aligned start
     skip = (X_PHASE - room.ctypes.data % 32) % 32 // 4
-    pairs = room[skip:skip + 2 * half].reshape(2, half)
+    pairs = room[skip:skip + 2 * row].reshape(2, row)
     for i in range(half):
         pairs[0, i], pairs[1, i] = x[0, 2 * i], x[0, 2 * i + 1]
     return first, col, pairs
@@ -316,7 +322,7 @@ def _gemv_program(x, pairs, ws, first, col, pid, out):
     k = part_of(first, pid)
     w, c = ws[k], col[k]
     o, end = (pid - first[k]) * ROWS, min(w.shape[0], (pid - first[k] + 1) * ROWS)
-    if pairs.shape[1] > 0 and w.ctypes.data % 4 == 0:  # so M == 1 and In == 2 * pairs.shape[1]
+    if pairs.shape[1] > 0 and w.ctypes.data % 4 == 0:  # so M == 1 and In <= 2 * pairs.shape[1]
         words, even, odd = w.view(np.uint32), pairs[0], pairs[1]
         for r in range(o, end):
             a0 = a1 = np.float32(0.0)
