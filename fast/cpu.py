@@ -276,8 +276,8 @@ def part_of(first, i):
 # Numba's allocator put the pairs on 32), and where x's odd elements sat at the same offset within a 4 KB
 # page as its even ones (4096-wide rows: 41-42 GB/s, against 55-58 with them 2 KB apart). So the even
 # elements start X_PHASE bytes past a 32-byte boundary and the odd ones ODD_SHIFT bytes further within the
-# page; decoding the bench model took 8.2 ms a token before and 7.4 after the first change alone where
-# memory read ~55 GB/s (fast/PERFORMANCE.md).
+# page. Decoding the bench model where memory read ~55-58 GB/s: 8.2 -> 7.4 ms a token with X_PHASE, then
+# 7.0 -> 6.8 with ODD_SHIFT (in-model A/Bs, fast/PERFORMANCE.md).
 X_PHASE = 16
 ODD_SHIFT = 2048
 

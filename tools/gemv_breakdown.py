@@ -1,7 +1,7 @@
 """How fast the decode GEMV streams the bench model's layer weights, called four ways, beside a probe.
 
-Over the same bytes (the bench model's layer matrices: 54, ~257 MB of bf16, with its 8 layers), one process, in rounds that
-alternate the ways so that every round sees the same memory phase:
+Over the same bytes (the bench model's layer matrices: 54, ~257 MB of bf16, with its 8 layers), one
+process, in rounds that alternate the ways so that every round sees the same memory phase:
 
 - `one_matrix`: fast's GEMV over one matrix holding all those bytes (1024 wide), one launch: the kernel's
   own speed, with no per-matrix cost;
