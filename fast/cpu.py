@@ -35,7 +35,6 @@ from ref.safetensors_io import Bf16, to_f32
 
 FM = {"reassoc", "contract"}  # reassociate sums (vectorised reductions), allow fused multiply-add
 ROWS = 16  # weight rows per GEMV program
-WIDE_IN = 8192  # a GEMV input row longer than this (32 KB) no longer stays in L1 beside the weights
 GEMV_MAX_M = 8  # up to this many rows of x a GEMV beats upcast + BLAS (measured, see fast/bench.py)
 # From GEMV_MAX_M to this many rows of x, products run token-minor (w @ x^T, see `matmul_t`), measured.
 TOKEN_MINOR_MAX_M = 512
@@ -287,15 +286,14 @@ def _gemv_layout(x, ws, count):
     """The programs of a GEMV of x [M, In] over the first `count` matrices of ws -> (first, col, pairs):
     first, col int64 [count + 1], the first program and the first output column of each matrix
     (first[count] programs in all); pairs float32 [2, >= In // 2], x's even and odd elements for the pairs
-    path of `_gemv_program` (M == 1, In even and at most WIDE_IN) in their first In // 2 columns, else
-    [2, 0]. The even row starts X_PHASE bytes past a 32-byte boundary and the odd row ODD_SHIFT bytes
+    path of `_gemv_program` (M == 1, In even) in their first In // 2 columns, else [2, 0]. The even row starts X_PHASE bytes past a 32-byte boundary and the odd row ODD_SHIFT bytes
     further within a 4 KB page (the rows padded for it)."""
     first, col = np.zeros(count + 1, np.int64), np.zeros(count + 1, np.int64)
     for k in range(count):
         first[k + 1] = first[k] + (ws[k].shape[0] + ROWS - 1) // ROWS
         col[k + 1] = col[k] + ws[k].shape[0]
     M, In = x.shape
-    half = In // 2 if PAIRS and M == 1 and In % 2 == 0 and In <= WIDE_IN else 0
+    half = In // 2 if PAIRS and M == 1 and In % 2 == 0 else 0
     row = half + (ODD_SHIFT - 4 * half) % 4096 // 4 if half else 0  # floats from the even row to the odd
     room = np.empty(2 * row + 8, np.float32)  # room for the pairs from any 4-byte-aligned start
     skip = (X_PHASE - room.ctypes.data % 32) % 32 // 4
@@ -315,34 +313,16 @@ def _gemv_program(x, pairs, ws, first, col, pid, out):
     `word & 0xFFFF0000` the second's, two cheap operations where widening each 16-bit value costs a
     shuffle, so a core issues fewer instructions per byte and keeps more loads in flight; on the 2-core
     Zen 4 that took the bench model's decode from 8.95 to 7.47 ms per token (medians of 118 interleaved
-    pairs, 115 faster; fast/PERFORMANCE.md). With one row of x longer than WIDE_IN, four weight rows share
-    each load of x: x no longer sits in L1, and reading it again per weight row held a 15360-wide GEMV to
-    36 GB/s where the memory gives 50 (46 this way)."""
+    pairs, 115 faster; fast/PERFORMANCE.md). There STREAMS rows share each load of x, one from each
+    STREAMS-th of the block (`_pairs_rows`)."""
     M, In = x.shape
     k = part_of(first, pid)
     w, c = ws[k], col[k]
     o, end = (pid - first[k]) * ROWS, min(w.shape[0], (pid - first[k] + 1) * ROWS)
     if pairs.shape[1] > 0 and w.ctypes.data % 4 == 0:  # so M == 1 and In <= 2 * pairs.shape[1]
-        words, even, odd = w.view(np.uint32), pairs[0], pairs[1]
-        for r in range(o, end):
-            a0 = a1 = np.float32(0.0)
-            for i in range(In // 2):
-                word = words[r, i]
-                a0 += even[i] * _bits_to_f32(word << np.uint32(16))
-                a1 += odd[i] * _bits_to_f32(word & np.uint32(0xFFFF0000))
-            out[0, c + r] = a0 + a1
+        _pairs_rows(w.view(np.uint32), pairs[0], pairs[1], In // 2, o, end, out[0, c:])
         return
     if M == 1:  # upcast on the fly
-        while In > WIDE_IN and o + 4 <= end:
-            a0 = a1 = a2 = a3 = np.float32(0.0)
-            for i in range(In):
-                xi = x[0, i]
-                a0 += xi * bf16(w[o, i])
-                a1 += xi * bf16(w[o + 1, i])
-                a2 += xi * bf16(w[o + 2, i])
-                a3 += xi * bf16(w[o + 3, i])
-            out[0, c + o], out[0, c + o + 1], out[0, c + o + 2], out[0, c + o + 3] = a0, a1, a2, a3
-            o += 4
         for r in range(o, end):
             acc = np.float32(0.0)
             for i in range(In):
@@ -358,6 +338,41 @@ def _gemv_program(x, pairs, ws, first, col, pid, out):
             for i in range(In):
                 acc += x[m, i] * row[i]
             out[m, c + r] = acc
+
+
+# Weight rows per load of x in the pairs loop, each from its own STREAMS-th of a program's block. On the
+# 2-core Zen 1 (nineteenth session) the one-row loop held a 256 MB GEMV to 25-26 GB/s where a probe read
+# 31: its loads of x (8 bytes per 4 of weights) kept the core near its own limit. Four rows per load of x
+# read 28.5-30.2 at widths 1024-15360, but only with the rows a quarter-block apart: four adjacent rows
+# (2 or 4 KB apart, so two to four streams within one 4 KB page) read 18.6 at 1024 wide, and two adjacent
+# rows were the Zen 4's "21 against 34 GB/s" (fast/PERFORMANCE.md). 1 restores the one-row loop.
+STREAMS = 4
+
+
+@nb.njit(fastmath=FM, cache=True)
+def _pairs_rows(words, even, odd, half, o, end, out):
+    """out[r] = the dot product of weight row r with x, for rows o..end-1: words [Out, >= half] uint32, each
+    two bf16 (the first in the low half), even/odd [>= half] float32, x's even and odd elements. With
+    s = (end - o) // STREAMS, rows o + j, o + s + j, ... (j < s) share each load of x; the rows after
+    o + STREAMS * s (fewer than STREAMS) go one at a time."""
+    s = (end - o) // STREAMS if STREAMS == 4 else 0
+    for r in range(o, o + s):
+        a0 = a1 = a2 = a3 = np.float32(0.0)
+        for i in range(half):
+            e, d = even[i], odd[i]
+            w0, w1, w2, w3 = words[r, i], words[r + s, i], words[r + 2 * s, i], words[r + 3 * s, i]
+            a0 += e * _bits_to_f32(w0 << np.uint32(16)) + d * _bits_to_f32(w0 & np.uint32(0xFFFF0000))
+            a1 += e * _bits_to_f32(w1 << np.uint32(16)) + d * _bits_to_f32(w1 & np.uint32(0xFFFF0000))
+            a2 += e * _bits_to_f32(w2 << np.uint32(16)) + d * _bits_to_f32(w2 & np.uint32(0xFFFF0000))
+            a3 += e * _bits_to_f32(w3 << np.uint32(16)) + d * _bits_to_f32(w3 & np.uint32(0xFFFF0000))
+        out[r], out[r + s], out[r + 2 * s], out[r + 3 * s] = a0, a1, a2, a3
+    for r in range(o + 4 * s, end):
+        a0 = a1 = np.float32(0.0)
+        for i in range(half):
+            word = words[r, i]
+            a0 += even[i] * _bits_to_f32(word << np.uint32(16))
+            a1 += odd[i] * _bits_to_f32(word & np.uint32(0xFFFF0000))
+        out[r] = a0 + a1
 
 
 @nb.njit(parallel=True, fastmath=FM, cache=True)
