@@ -450,6 +450,7 @@ def test_ring_cache_uploads_a_call_s_indices_once_for_all_layers():
             np.testing.assert_array_equal(a, b)
 
 
+@settings(deadline=None)  # the first draw compiles claim_slot where Numba's cache is cold (a fresh clone)
 @given(window=st.integers(1, 9), prompt=st.integers(1, 20), steps=st.integers(0, 25), kind=st.sampled_from([SLIDING, FULL]))
 def test_ring_slots_claimed_after_a_prefill_count_the_held_keys(window, prompt, steps, kind):
     """After a prefill of `prompt` tokens, each decoded token q takes slot q % cap and the count of held
