@@ -34,7 +34,7 @@ from ref.safetensors_io import Bf16, to_f32
 
 
 FM = {"reassoc", "contract"}  # reassociate sums (vectorised reductions), allow fused multiply-add
-ROWS = 16  # weight rows per GEMV program
+ROWS = 32  # weight rows per GEMV program (see STREAMS)
 GEMV_MAX_M = 8  # up to this many rows of x a GEMV beats upcast + BLAS (measured, see fast/bench.py)
 # From GEMV_MAX_M to this many rows of x, products run token-minor (w @ x^T, see `matmul_t`), measured.
 TOKEN_MINOR_MAX_M = 512
@@ -345,7 +345,11 @@ def _gemv_program(x, pairs, ws, first, col, pid, out):
 # 31: its loads of x (8 bytes per 4 of weights) kept the core near its own limit. Four rows per load of x
 # read 28.5-30.2 at widths 1024-15360, but only with the rows a quarter-block apart: four adjacent rows
 # (2 or 4 KB apart, so two to four streams within one 4 KB page) read 18.6 at 1024 wide, and two adjacent
-# rows were the Zen 4's "21 against 34 GB/s" (fast/PERFORMANCE.md). 1 restores the one-row loop.
+# rows were the Zen 4's "21 against 34 GB/s" (fast/PERFORMANCE.md). With four streams a program's 32 rows
+# (ROWS) read faster than 16 at 1024 wide (27.5 against 25.6 GB/s; the same at 4096). 1 restores the
+# one-row loop. In the model, 16 tokens after a 64-token prompt: 16.2 -> 14.8 ms a token with the streams,
+# then 16.2 -> 15.4 with 32 rows (each against the previous commit, alternated in one process, every round
+# faster; the host's memory read 29 and then 26 GB/s).
 STREAMS = 4
 
 

@@ -193,8 +193,9 @@ def test_gemv_reads_bf16_pairs_where_it_can(n_in, outs, m, shifts, seed):
 @pytest.mark.parametrize("n_in", [15360, 8201])
 def test_gemv_with_a_row_of_x_wider_than_l1(out_rows, n_in):
     """One token through a matrix whose row of x (60 KB at the 12B model's down_proj width, 15360) no longer
-    fits in L1: the pairs path with cpu.STREAMS rows per load of x and the rows a block has left over (3
-    rows: none shared; 22: blocks of 16 and 6; 37: 16, 16 and 5), and an odd width's 16-bit path."""
+    fits in L1: the pairs path with cpu.STREAMS rows per load of x and the rows a block has left over (with
+    32 rows a block, 3 rows: none shared; 22: five per stream and two alone; 37: a full block, then one per
+    stream and one alone), and an odd width's 16-bit path."""
     rng = np.random.default_rng(out_rows)
     x = rng.normal(size=(1, n_in)).astype(np.float32)
     w = Bf16(f32_to_bf16(rng.normal(size=(out_rows, n_in)).astype(np.float32)))
