@@ -286,8 +286,9 @@ def _gemv_layout(x, ws, count):
     """The programs of a GEMV of x [M, In] over the first `count` matrices of ws -> (first, col, pairs):
     first, col int64 [count + 1], the first program and the first output column of each matrix
     (first[count] programs in all); pairs float32 [2, >= In // 2], x's even and odd elements for the pairs
-    path of `_gemv_program` (M == 1, In even) in their first In // 2 columns, else [2, 0]. The even row starts X_PHASE bytes past a 32-byte boundary and the odd row ODD_SHIFT bytes
-    further within a 4 KB page (the rows padded for it)."""
+    path of `_gemv_program` (M == 1, In even) in their first In // 2 columns, else [2, 0]. The even row
+    starts X_PHASE bytes past a 32-byte boundary and the odd row ODD_SHIFT bytes further within a 4 KB page
+    (the rows padded for it)."""
     first, col = np.zeros(count + 1, np.int64), np.zeros(count + 1, np.int64)
     for k in range(count):
         first[k + 1] = first[k] + (ws[k].shape[0] + ROWS - 1) // ROWS
@@ -349,7 +350,7 @@ def _gemv_program(x, pairs, ws, first, col, pid, out):
 # (ROWS) read faster than 16 at 1024 wide (27.5 against 25.6 GB/s; the same at 4096). 1 restores the
 # one-row loop. In the model, 16 tokens after a 64-token prompt: 16.2 -> 14.8 ms a token with the streams,
 # then 16.2 -> 15.4 with 32 rows (each against the previous commit, alternated in one process, every round
-# faster; the host's memory read 29 and then 26 GB/s).
+# faster; the host's memory read 29 and then 26 GB/s). Either 4 or 1.
 STREAMS = 4
 
 
@@ -357,8 +358,9 @@ STREAMS = 4
 def _pairs_rows(words, even, odd, half, o, end, out):
     """out[r] = the dot product of weight row r with x, for rows o..end-1: words [Out, >= half] uint32, each
     two bf16 (the first in the low half), even/odd [>= half] float32, x's even and odd elements. With
-    s = (end - o) // STREAMS, rows o + j, o + s + j, ... (j < s) share each load of x; the rows after
-    o + STREAMS * s (fewer than STREAMS) go one at a time."""
+    STREAMS = 4 and s = (end - o) // 4, rows o + j, o + s + j, o + 2s + j and o + 3s + j (j < s) share
+    each load of x, and the rows after o + 4s (at most three) go one at a time; with STREAMS = 1 every row
+    does."""
     s = (end - o) // STREAMS if STREAMS == 4 else 0
     for r in range(o, o + s):
         a0 = a1 = a2 = a3 = np.float32(0.0)
