@@ -361,7 +361,7 @@ def _pairs_rows(words, even, odd, half, o, end, out):
     STREAMS = 4 and s = (end - o) // 4, rows o + j, o + s + j, o + 2s + j and o + 3s + j (j < s) share
     each load of x, and the rows after o + 4s (at most three) go one at a time; with STREAMS = 1 every row
     does."""
-    s = (end - o) // STREAMS if STREAMS == 4 else 0
+    s = (end - o) // 4 if STREAMS == 4 else 0  # rows per stream
     for r in range(o, o + s):
         a0 = a1 = a2 = a3 = np.float32(0.0)
         for i in range(half):

@@ -194,7 +194,7 @@ def test_gemv_reads_bf16_pairs_where_it_can(n_in, outs, m, shifts, seed):
 def test_gemv_with_a_row_of_x_wider_than_l1(out_rows, n_in):
     """One token through a matrix whose row of x (60 KB at the 12B model's down_proj width, 15360) no longer
     fits in L1: the pairs path with cpu.STREAMS rows per load of x and the rows a block has left over (with
-    32 rows a block, 3 rows: none shared; 22: five per stream and two alone; 37: a full block, then one per
+    cpu.ROWS = 32, 3 rows: none shared; 22: five per stream and two alone; 37: a full block, then one per
     stream and one alone), and an odd width's 16-bit path."""
     rng = np.random.default_rng(out_rows)
     x = rng.normal(size=(1, n_in)).astype(np.float32)
