@@ -432,6 +432,23 @@ def test_tiled_attention_default_tiles_across_the_window(kind, keep_mask, monkey
     close(cpu.decode_attention(q[:, -3:], k, v, last), REF.attention(q[:, -3:], k, v, last))
 
 
+@pytest.mark.parametrize("shape", [(1, 3, 2, 4), (1, 1024, 4, 128), (2, 700, 3, 130)])
+def test_huge_zeros_are_zeros_and_large_ones_start_on_a_2mb_page(shape):
+    """Zeroed float32 of the shape, writeable and C-contiguous; from 1 MB up, 2 MB aligned (the kernel can
+    back such a start with a huge page), and a cache's K/V arrays are made this way."""
+    a = cpu.huge_zeros(shape)
+    assert a.shape == shape and a.dtype == np.float32 and a.flags.c_contiguous and a.flags.writeable
+    assert not a.any()
+    a[...] = 1  # the whole array is usable memory
+    if a.nbytes >= cpu.HUGE_PAGE // 2:
+        assert a.ctypes.data % cpu.HUGE_PAGE == 0
+    cache = cpu.RingKVCache(1, shape[1])
+    k = np.ones((1, 2) + shape[2:], np.float32)
+    cache.extend(0, k, k, np.arange(2), FULL, 4)
+    assert cache.keys[0].shape == (1,) + shape[1:] and (cache.keys[0].nbytes < cpu.HUGE_PAGE // 2
+                                                       or cache.keys[0].ctypes.data % cpu.HUGE_PAGE == 0)
+
+
 def test_ring_cache_matches_list_cache():
     rng = np.random.default_rng(0)
     ring, plain = cpu.RingKVCache(1, 40), KVCache()
