@@ -624,7 +624,7 @@ LOG2E, LN2_HI, LN2_LO = np.float32(1.4426950408889634), np.float32(0.69314575195
 @nb.njit(inline="always", fastmath=FM)
 def _ln2_split(x):
     """float32 x in [-87, 0] -> (k, r, 2^k): x = k ln2 + r with |r| <= ln2/2, k integral, 2^k from its
-    exponent bits (ln2 in two parts, so k ln2 costs no rounding for |k| <= 126)."""
+    exponent bits. ln2 comes in two parts, the first with 16 significant bits, so k times it is exact."""
     k = np.floor(x * LOG2E + np.float32(0.5))
     r = x - k * LN2_HI - k * LN2_LO
     return k, r, _bits_to_f32((np.int32(k) + np.int32(127)) << np.int32(23))
@@ -1009,12 +1009,12 @@ HUGE_PAGE = 2 << 20
 def huge_zeros(shape: tuple) -> np.ndarray:
     """A zeroed float32 array of `shape`; from half a 2 MB page up, one that starts on a 2 MB boundary of a
     buffer numpy asks the kernel to back with 2 MB pages (numpy does so from 4 MB). A decode step reads
-    every layer's keys and values once: a 544-key layer of the bench model (4 heads of 128, 2.2 MB) took
-    166 against 184 us out of 2 MB pages, cold (medians of 20 interleaved rounds over 8 such layers, the
-    2-core Zen 1; 182 against 207 in another run: the hardware prefetcher restarts at each 4 KB page, and
-    the TLB misses fewer; in the model, 16 tokens after the 512-token prompt, 20.05 against 20.86 ms, 19 of
-    30 rounds faster, within this host's noise). The
-    buffer's unused head is never touched, so it costs address space, not memory."""
+    every layer's keys and values once, cold; in 4 KB pages the hardware prefetcher starts over at every
+    page and the TLB misses more. On the 2-core Zen 1, 8 layers of 544 keys (4 heads of 128, 2.2 MB each)
+    took 166 against 184 us a layer (182 against 207 in another sitting; medians of 20 interleaved
+    rounds); in the model, 16 tokens after the 512-token prompt, 20.05 against 20.86 ms a token (19 of 30
+    rounds, within this host's noise). The buffer's unused head is never touched: it costs address space,
+    not memory."""
     nbytes = int(np.prod(shape)) * 4
     if nbytes < HUGE_PAGE // 2:
         return np.zeros(shape, np.float32)
