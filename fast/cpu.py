@@ -102,6 +102,14 @@ def _cgroup_headroom(proc: str, cgroups: str):
             node = node.parent
 
 
+def _aligned_empty(nbytes: int, align: int) -> np.ndarray:
+    """An uninitialised uint8 buffer of nbytes that starts on a multiple of `align` bytes: a slice of a
+    numpy buffer `align` bytes longer (numpy asks for 2 MB pages for buffers from 4 MB)."""
+    raw = np.empty(nbytes + align, np.uint8)
+    at = -raw.ctypes.data % align
+    return raw[at:at + nbytes]
+
+
 def resident_copy(tensors: dict, progress: bool = False) -> dict:
     """{name: array or Bf16, memory-mapped} -> the same tensors copied, bits unchanged and read-only, into one
     anonymous buffer, which numpy asks the kernel to back with 2 MB pages. Streaming the weights from there
@@ -114,8 +122,8 @@ def resident_copy(tensors: dict, progress: bool = False) -> dict:
 
     sources = {name: t.bits if isinstance(t, Bf16) else t for name, t in tensors.items()}
     total = sum(a.nbytes for a in sources.values())
-    buf = np.empty(total + 64 * (len(sources) + 1), np.uint8)
-    out, at = {}, -buf.ctypes.data % 64
+    buf = _aligned_empty(total + 64 * len(sources), 64)
+    out, at = {}, 0
     with tqdm(total=total, unit="B", unit_scale=True, desc="copying weights into memory", file=sys.stderr,
               disable=not progress) as bar:
         for name, a in sources.items():
@@ -545,9 +553,7 @@ def _scratch(n: int) -> np.ndarray:
     """A float32 buffer of at least n values, reused across calls (fresh pages would cost a zeroing pass),
     starting on a cache line (64 bytes), where `_upcast_rows`'s streamed stores begin."""
     if _SCRATCH[0].size < n:
-        raw = np.empty(n + _LANES, np.float32)
-        at = _to_line(raw.ctypes.data)
-        _SCRATCH[0] = raw[at:at + n]
+        _SCRATCH[0] = _aligned_empty(4 * n, 64).view(np.float32)
     return _SCRATCH[0][:n]
 
 
@@ -1013,14 +1019,13 @@ def huge_zeros(shape: tuple) -> np.ndarray:
     page and the TLB misses more. On the 2-core Zen 1, 8 layers of 544 keys (4 heads of 128, 2.2 MB each)
     took 166 against 184 us a layer (182 against 207 in another sitting; medians of 20 interleaved
     rounds); in the model, 16 tokens after the 512-token prompt, 20.05 against 20.86 ms a token (19 of 30
-    rounds, within this host's noise). The buffer's unused head is never touched: it costs address space,
-    not memory."""
+    rounds, within this host's noise). Only the array is written (zeroed here), not the buffer's head."""
     nbytes = int(np.prod(shape)) * 4
     if nbytes < HUGE_PAGE // 2:
         return np.zeros(shape, np.float32)
-    buf = np.zeros(max(2 * HUGE_PAGE, nbytes + HUGE_PAGE), np.uint8)
-    at = -buf.ctypes.data % HUGE_PAGE
-    return buf[at:at + nbytes].view(np.float32).reshape(shape)
+    out = _aligned_empty(max(HUGE_PAGE, nbytes), HUGE_PAGE)[:nbytes].view(np.float32).reshape(shape)
+    out.fill(0)  # the array only: a reused heap block's head stays as it was, a fresh mapping's untouched
+    return out
 
 
 class RingKVCache(KVCache):

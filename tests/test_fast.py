@@ -286,6 +286,7 @@ def test_tanh32_is_within_7_ulps_of_tanh_relative():
     assert np.abs(got - want).max() <= 3.0e-7
     np.testing.assert_array_equal(got[a >= 43.5], 1.0)
     np.testing.assert_array_equal(got[a <= -43.5], -1.0)
+    assert np.all(got * np.sign(a) >= 0)  # never the wrong sign
     assert np.isnan(_tanh32(np.float32([np.nan]))[0])
 
 
