@@ -4,8 +4,11 @@ this only when torch and transformers are installed (the `interop` extra)."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 import torch
+import transformers.models.gemma4_unified.modeling_gemma4_unified as hf_gemma
 from transformers import Gemma4UnifiedConfig, Gemma4UnifiedForConditionalGeneration
 
 
@@ -85,12 +88,59 @@ def forward(model, ids, mm_token_type_ids=None, attention_mask=None, plain_masks
         return model(input_ids=ids_t, attention_mask=mask, **kwargs).logits.float().numpy()
 
 
+def _norm64(self, x):
+    """Gemma4UnifiedRMSNorm.forward in x's own dtype (HF's casts x and the weight to float32)."""
+    y = self._norm(x)
+    return y * self.weight.to(x.dtype) if self.with_scale else y
+
+
+def _rope64(self, x, position_ids, layer_type):
+    """The rotary embedding's cos and sin in float64 of HF's float32 angles (position x inv_freq, both
+    float32: that product is part of the model as HF defines it), where HF takes them in float32."""
+    angles = (position_ids[..., None].float() * getattr(self, f"{layer_type}_inv_freq").float()).double()
+    angles = torch.cat((angles, angles), dim=-1)
+    scale = getattr(self, f"{layer_type}_attention_scaling")
+    return (angles.cos() * scale).to(x.dtype), (angles.sin() * scale).to(x.dtype)
+
+
+def _attention64(module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None, **kwargs):
+    """eager attention with the softmax in the scores' dtype (HF's takes it in float32)."""
+    key, value = (t.repeat_interleave(module.num_key_value_groups, dim=1) for t in (key, value))
+    scores = query @ key.transpose(2, 3) * (module.head_dim ** -0.5 if scaling is None else scaling)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    probs = scores.softmax(dim=-1)
+    return (probs @ value).transpose(1, 2).contiguous(), probs
+
+
+@contextmanager
+def _all_in_float64():
+    """HF's Gemma4Unified computes its RMSNorms, RoPE's cos/sin and attention's softmax in float32 whatever
+    the model's dtype, so `model.to(float64)` alone leaves float32 rounding in every layer, the same
+    rounding as HF's float32 run: a yardstick biased towards HF. Inside this block those three follow the
+    model's dtype."""
+    saved = (hf_gemma.Gemma4UnifiedRMSNorm.forward, hf_gemma.Gemma4UnifiedTextRotaryEmbedding.forward,
+             hf_gemma.eager_attention_forward)
+    hf_gemma.Gemma4UnifiedRMSNorm.forward = _norm64
+    hf_gemma.Gemma4UnifiedTextRotaryEmbedding.forward = _rope64
+    hf_gemma.eager_attention_forward = _attention64
+    try:
+        yield
+    finally:
+        (hf_gemma.Gemma4UnifiedRMSNorm.forward, hf_gemma.Gemma4UnifiedTextRotaryEmbedding.forward,
+         hf_gemma.eager_attention_forward) = saved
+
+
 def forward_float64(model, ids, mm_token_type_ids=None, **media) -> np.ndarray:
-    """`forward` with the model's weights (float32, or bf16 values held as float32) in float64: the same
-    function, computed with far smaller rounding, to measure how far float32 arithmetic moves the logits."""
+    """`forward` with the model's weights (float32, or bf16 values held as float32) in float64 and every step
+    computed in float64 (`_all_in_float64`): the same function with far smaller rounding, to measure how far
+    float32 arithmetic moves the logits."""
     model.to(torch.float64)
     try:
-        return forward(model, ids, mm_token_type_ids, **media)
+        with _all_in_float64():
+            return forward(model, ids, mm_token_type_ids, **media)
     finally:
         model.to(torch.float32)
 
