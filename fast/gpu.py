@@ -974,8 +974,9 @@ BLOCK_ATTENTION_MAX = 1 << 26  # score floats (256 MB) up to which attention kee
 
 def dense_attention(q, k, v, spec):
     """ref.layers.attention itself on device arrays (NumPy's functions dispatch to CuPy): its two
-    products batched through cuBLAS in float32, its masked softmax one kernel (masked_softmax), the mask
-    uploaded once per forward. Its score tensor takes B x H x T x S floats."""
+    products batched through cuBLAS (the scores in float64 and rounded once, as ref's; the values in
+    float32), its masked softmax one kernel (masked_softmax), the mask uploaded once per forward. Its score
+    tensor takes B x H x T x S floats (twice that in float64 while the scores are summed)."""
     return dense_masked_attention(q, k, v, _upload(spec.dense()), softmax=masked_softmax)
 
 
