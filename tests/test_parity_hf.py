@@ -477,5 +477,5 @@ def test_parity_sweep_tool_runs_and_fails_past_its_bound(capsys):
     small = ["--trials", "2", "--widths", "64", "--prompts", "30", "--new-tokens", "2", "--backends", backends]
     assert tool.main(small) == 0
     out = capsys.readouterr().out
-    assert out.count("HF float32 vs float64") == 2 and "worst: ref" in out
+    assert out.count("HF float32 vs float64") == 2 and "worst: ref" in out and "ref median" in out
     assert tool.main(small + ["--tol", "0"]) == 1
