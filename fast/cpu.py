@@ -848,7 +848,20 @@ def dense_mask(spec) -> np.ndarray | None:
 # tiles win from ~4 queries (8 queries x 520 keys: 192 vs 261 us), but between decode GEMVs they would
 # wake OpenBLAS's threads, which then spin against the GEMV's; decode steps are 1 query.
 TILED_MIN_QUERIES = 16
+# Heads wider than this sum their prefill attention scores in float64 and round each once, as ref's
+# `attention` does: OpenBLAS adds up each score in one float32 chain, which over 512-wide heads (the real
+# model's global layers) put the logits a median 1.17x as far from float64 as HF's (up to 2.3x), 0.80x
+# exact (README, "What is exact"). At 128 its float32 chain is as exact as torch's. Float64 for every head
+# cost 4-7 % of the bench model's 512-token prefill; for its 256-wide global heads alone nothing measurable
+# (interleaved A/B, the Zen 1).
+EXACT_SCORES_DH = 128
+
 PARALLEL_ATTENTION_WORK = 1 << 18  # query-key pairs x head dim above which two threads pay off
+
+
+def score_dtype(head_dim: int):
+    """The dtype in which prefill attention sums its scores for heads of head_dim (see EXACT_SCORES_DH)."""
+    return np.float64 if head_dim > EXACT_SCORES_DH else np.float32
 
 
 NO_KEY = np.int32(-(1 << 31))  # below every float's order key: a masked score
@@ -902,15 +915,16 @@ def tiled_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, spec, tile: int
     MASK_CACHE_MAX pairs). Only the span of keys that some query of the tile can see is visited (the
     window and causality bound it); key tiles the mask closes entirely are skipped. q [B, T, H, Dh],
     k/v [B, S, K, Dh], MaskSpec -> [B, T, H, Dh]. The sizes are the fastest measured on a 2-core Zen 5
-    (512 and 2048 tokens). The scores are float32 BLAS products, as HF's, where ref's are exact dot
-    products rounded once (its `attention`): the two differ by float32 summation (README, "What is exact")."""
+    (512 and 2048 tokens). Scores of heads wider than EXACT_SCORES_DH are exact, rounded once (ref's);
+    narrower ones float32 BLAS products."""
     B, T, H, Dh = q.shape
     K = k.shape[2]
     G = H // K
+    dt = score_dtype(Dh)
     out = np.empty(q.shape, np.float32)
     dense = dense_mask(spec)  # shared by every layer of the kind, when small enough to keep
     for b in range(B):
-        kt, vt = k[b].transpose(1, 2, 0), v[b].transpose(1, 0, 2)  # [K, Dh, S], [K, S, Dh]
+        kt, vt = k[b].transpose(1, 2, 0).astype(dt, copy=False), v[b].transpose(1, 0, 2)  # [K, Dh, S], [K, S, Dh]
         for t0 in range(0, T, tile):
             t1 = min(T, t0 + tile)
             n = t1 - t0
@@ -919,7 +933,7 @@ def tiled_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, spec, tile: int
                 spec.q_block[b:b + 1, t0:t1], spec.k_block[b:b + 1]).dense()[0]  # [n, S]
             seen = np.flatnonzero(rows.any(axis=0))
             lo, hi = (seen[0], seen[-1] + 1) if seen.size else (0, 0)  # the span of keys the tile can see
-            qg = q[b, t0:t1].reshape(n, K, G, Dh).transpose(1, 0, 2, 3).reshape(K, n * G, Dh)
+            qg = q[b, t0:t1].reshape(n, K, G, Dh).transpose(1, 0, 2, 3).reshape(K, n * G, Dh).astype(dt, copy=False)
             m = np.full((K, n * G), -np.inf, np.float32)  # running max of each (kv head, query, group) row
             den, scale = np.zeros((K, n * G), np.float32), np.empty((K, n * G), np.float32)
             acc = None  # exp-weighted values [K, n*G, Dh]
@@ -928,7 +942,7 @@ def tiled_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, spec, tile: int
                 sub = np.ascontiguousarray(rows[:, s0:s1])
                 if not sub.any():
                     continue
-                p = qg @ kt[:, :, s0:s1]  # scores [K, n*G, s], turned into probabilities in place
+                p = (qg @ kt[:, :, s0:s1]).astype(np.float32, copy=False)  # scores [K, n*G, s] -> probabilities
                 _softmax_tile(p, sub, G, m, den, scale)
                 if acc is None:
                     acc = p @ vt[:, s0:s1]

@@ -150,25 +150,28 @@ def attention_t(qT: np.ndarray, k: np.ndarray, v: np.ndarray, maskT: np.ndarray,
     [S, T] bool (keys x queries) -> [H * Dh, T]. As fast.cpu.tiled_attention, transposed: per tile of
     `tile` queries, scores K_h Q_h^T [s, n] for `key_tile` keys at a time through BLAS (visiting only the
     keys the tile can see), the online softmax down the columns, values V_h^T P [Dh, n]. A query that
-    sees no key gets the mean of all values, as ref and HF."""
+    sees no key gets the mean of all values, as ref and HF. Scores of heads wider than cpu.EXACT_SCORES_DH
+    are exact, rounded once (ref's)."""
     S, K, Dh = k.shape
     T = qT.shape[1]
     G = qT.shape[0] // (K * Dh)
     out = np.empty_like(qT)
     q4 = qT.reshape(K, G, Dh, T)
-    kh = k.transpose(1, 0, 2)[:, None]  # [K, 1, S, Dh] views, strided: BLAS reads them as they are
+    dt = cpu.score_dtype(Dh)
+    kh = k.transpose(1, 0, 2)[:, None].astype(dt, copy=False)  # [K, 1, S, Dh]; float32: a strided view
     vh = v.transpose(1, 2, 0)[:, None]  # [K, 1, Dh, S]
     for t0 in range(0, T, tile):
         t1 = min(T, t0 + tile)
         n = t1 - t0
         visible = np.flatnonzero(maskT[:, t0:t1].any(axis=1))
         lo, hi = (visible[0], visible[-1] + 1) if visible.size else (0, 0)
+        qt = q4[..., t0:t1].astype(dt, copy=False)
         m = np.full((K * G, n), NEG_INF, np.float32)
         den, scale = np.zeros((K * G, n), np.float32), np.empty((K * G, n), np.float32)
         acc = None  # exp-weighted values [K, G, Dh, n]
         for s0 in range(lo, hi, key_tile):
             s1 = min(hi, s0 + key_tile)
-            p = np.matmul(kh[:, :, s0:s1], q4[..., t0:t1])  # [K, G, s, n]
+            p = np.matmul(kh[:, :, s0:s1], qt).astype(np.float32, copy=False)  # [K, G, s, n]
             softmax_t(p.reshape(K * G, s1 - s0, n), maskT, s0, t0, m, den, scale)
             pv = np.matmul(vh[..., s0:s1], p)
             if acc is None:

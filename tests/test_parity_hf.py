@@ -203,11 +203,12 @@ def test_far_positions_as_near_float64_as_hfs_float32(tmp_path, load):
     assert _rel(load(path).forward(ids), exact) <= 2 * hf_error  # measured: 1.05x (2.4-2.5x before)
 
 
-def test_512_wide_heads_as_near_float64_as_hfs_float32(tmp_path):
-    """Global layers of 512-wide heads (the real model's) over 685 tokens, seven random models: ref's logits lie
+def test_512_wide_heads_as_near_float64_as_hfs_float32(tmp_path, load):
+    """Global layers of 512-wide heads (the real model's) over 685 tokens, seven random models: the logits lie
     no further from float64's than HF's float32 ones, in the median over the models. Scores summed in
-    float32 in one chain per dot product (OpenBLAS's way) sat a median 1.28x as far (1.01-1.86x); exact
-    dot products rounded once to float32 0.93x (0.73-1.15x). One model alone swings too much to judge."""
+    float32 in one chain per dot product (OpenBLAS's way) sat a median 1.28x as far for ref (1.01-1.86x)
+    and 1.16x for fast (0.98-2.24x); exact dot products rounded once to float32 0.93x (0.73-1.15x) and
+    0.76x (0.63-1.19x). One model alone swings too much to judge."""
     cfg = dict(num_attention_heads=2, num_key_value_heads=1, num_global_key_value_heads=2, num_hidden_layers=3,
                layer_types=[FULL] * 3, head_dim=64, global_head_dim=512, hidden_size=128, intermediate_size=200,
                vocab_size=4096, attention_k_eq_v=False, final_logit_softcapping=None,
@@ -218,8 +219,8 @@ def test_512_wide_heads_as_near_float64_as_hfs_float32(tmp_path):
         hf = hf_peer.load(path)
         ids = np.random.default_rng(seed).integers(3, 1000, (1, 685))
         exact = hf_peer.forward_float64(hf, ids)
-        ratios.append(_rel(ref.load_model(path).forward(ids), exact) / _rel(hf_peer.forward(hf, ids), exact))
-    assert np.median(ratios) <= 1.1, f"ref's error over HF's float32 error, per model: {np.round(ratios, 2)}"
+        ratios.append(_rel(load(path).forward(ids), exact) / _rel(hf_peer.forward(hf, ids), exact))
+    assert np.median(ratios) <= 1.1, f"the error over HF's float32 error, per model: {np.round(ratios, 2)}"
 
 
 @pytest.mark.parametrize("name", ["default_pattern", "kv_shared_double_wide_mlp", "window_3", "bidirectional_all"])
