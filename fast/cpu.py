@@ -850,10 +850,10 @@ def dense_mask(spec) -> np.ndarray | None:
 TILED_MIN_QUERIES = 16
 # Heads wider than this sum their prefill attention scores in float64 and round each once, as ref's
 # `attention` does: OpenBLAS adds up each score in one float32 chain, which over 512-wide heads (the real
-# model's global layers) put the logits a median 1.17x as far from float64 as HF's (up to 2.3x), 0.80x
-# exact (README, "What is exact"). At 128 its float32 chain is as exact as torch's. Float64 for every head
-# cost 4-7 % of the bench model's 512-token prefill; for its 256-wide global heads alone nothing measurable
-# (interleaved A/B, the Zen 1).
+# model's global layers) put the logits of seven random models a median 1.16x as far from float64 as HF's
+# (up to 2.24x), 0.76x exact (tests/test_parity_hf.py; README, "What is exact"). At 128 its float32 chain
+# is as exact as torch's. Float64 for every head cost 4-7 % of the bench model's 512-token prefill; for its
+# 256-wide global heads alone nothing measurable (interleaved A/B, the Zen 1).
 EXACT_SCORES_DH = 128
 
 PARALLEL_ATTENTION_WORK = 1 << 18  # query-key pairs x head dim above which two threads pay off
