@@ -187,6 +187,44 @@ def test_long_prompt_across_tiles_and_window(tmp_path, worst, load):
                                   hf_peer.greedy(hf, ids, types, 6, **media))
 
 
+def test_float64_yardstick_leaves_no_float32_step():
+    """hf_peer.forward_float64 runs every norm, RoPE table and attention softmax of HF's model in float64
+    (HF computes those three in float32 in any dtype and casts back, which biased the yardstick towards
+    HF's float32 run), and puts HF's own functions back afterwards. Each is checked against float64
+    arithmetic to 1e-12, where a float32 step leaves ~1e-8."""
+    model = hf_peer.build(tiny_hf_dict(), 0)
+    errors = {}
+
+    def worst(kind, err):
+        errors[kind] = max(errors.get(kind, 0.0), float(err))
+
+    def norm(module, inputs, out):
+        x = inputs[0]
+        want = x * (x.pow(2).mean(-1, keepdim=True) + module.eps).pow(-0.5)
+        want = want * module.weight if module.with_scale else want
+        worst("norm", ((out - want).abs().max() / want.abs().max()))
+
+    def rope(module, inputs, out):
+        x, positions, kind = inputs
+        angles = (positions[..., None].float() * getattr(module, f"{kind}_inv_freq").float()).double()
+        worst("rope", (out[0] - torch.cat((angles, angles), -1).cos()).abs().max())
+
+    def attention(module, inputs, out):
+        worst("softmax", (out[1].sum(-1) - 1).abs().max())
+
+    hooks = [m.register_forward_hook(f) for m in model.modules() for kind, f in (
+        (hf_peer.hf_gemma.Gemma4UnifiedRMSNorm, norm), (hf_peer.hf_gemma.Gemma4UnifiedTextRotaryEmbedding, rope),
+        (hf_peer.hf_gemma.Gemma4UnifiedTextAttention, attention)) if isinstance(m, kind)]
+    before = (hf_peer.hf_gemma.Gemma4UnifiedRMSNorm.forward, hf_peer.hf_gemma.Gemma4UnifiedTextRotaryEmbedding.forward,
+              hf_peer.hf_gemma.eager_attention_forward)
+    hf_peer.forward_float64(model, np.random.default_rng(0).integers(3, 400, (1, 12)))
+    for h in hooks:
+        h.remove()
+    assert set(errors) == {"norm", "rope", "softmax"} and max(errors.values()) < 1e-12, errors
+    assert (hf_peer.hf_gemma.Gemma4UnifiedRMSNorm.forward, hf_peer.hf_gemma.Gemma4UnifiedTextRotaryEmbedding.forward,
+            hf_peer.hf_gemma.eager_attention_forward) == before
+
+
 def test_far_positions_as_near_float64_as_hfs_float32(tmp_path, load):
     """A 900-token text prompt on a 256-wide, 4-layer bf16 config: the logits lie no further from HF's in
     float64 than twice HF's own float32 ones do. RoPE angles grow with the position, so anything computed
