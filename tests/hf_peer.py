@@ -115,22 +115,26 @@ def _attention64(module, query, key, value, attention_mask, dropout=0.0, scaling
     return (probs @ value).transpose(1, 2).contiguous(), probs
 
 
+# (owner, attribute, float64 version): what `_all_in_float64` swaps in.
+_FLOAT64_SWAPS = ((hf_gemma.Gemma4UnifiedRMSNorm, "forward", _norm64),
+                  (hf_gemma.Gemma4UnifiedTextRotaryEmbedding, "forward", _rope64),
+                  (hf_gemma, "eager_attention_forward", _attention64))
+
+
 @contextmanager
 def _all_in_float64():
     """HF's Gemma4Unified computes its RMSNorms, RoPE's cos/sin and attention's softmax in float32 whatever
     the model's dtype, so `model.to(float64)` alone leaves float32 rounding in every layer, the same
     rounding as HF's float32 run: a yardstick biased towards HF. Inside this block those three follow the
-    model's dtype."""
-    saved = (hf_gemma.Gemma4UnifiedRMSNorm.forward, hf_gemma.Gemma4UnifiedTextRotaryEmbedding.forward,
-             hf_gemma.eager_attention_forward)
-    hf_gemma.Gemma4UnifiedRMSNorm.forward = _norm64
-    hf_gemma.Gemma4UnifiedTextRotaryEmbedding.forward = _rope64
-    hf_gemma.eager_attention_forward = _attention64
+    model's dtype (`_FLOAT64_SWAPS`)."""
+    saved = [getattr(owner, name) for owner, name, _ in _FLOAT64_SWAPS]
+    for owner, name, swap in _FLOAT64_SWAPS:
+        setattr(owner, name, swap)
     try:
         yield
     finally:
-        (hf_gemma.Gemma4UnifiedRMSNorm.forward, hf_gemma.Gemma4UnifiedTextRotaryEmbedding.forward,
-         hf_gemma.eager_attention_forward) = saved
+        for (owner, name, _), original in zip(_FLOAT64_SWAPS, saved):
+            setattr(owner, name, original)
 
 
 def forward_float64(model, ids, mm_token_type_ids=None, **media) -> np.ndarray:

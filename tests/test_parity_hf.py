@@ -215,14 +215,12 @@ def test_float64_yardstick_leaves_no_float32_step():
     hooks = [m.register_forward_hook(f) for m in model.modules() for kind, f in (
         (hf_peer.hf_gemma.Gemma4UnifiedRMSNorm, norm), (hf_peer.hf_gemma.Gemma4UnifiedTextRotaryEmbedding, rope),
         (hf_peer.hf_gemma.Gemma4UnifiedTextAttention, attention)) if isinstance(m, kind)]
-    before = (hf_peer.hf_gemma.Gemma4UnifiedRMSNorm.forward, hf_peer.hf_gemma.Gemma4UnifiedTextRotaryEmbedding.forward,
-              hf_peer.hf_gemma.eager_attention_forward)
+    before = [getattr(owner, name) for owner, name, _ in hf_peer._FLOAT64_SWAPS]
     hf_peer.forward_float64(model, np.random.default_rng(0).integers(3, 400, (1, 12)))
     for h in hooks:
         h.remove()
     assert set(errors) == {"norm", "rope", "softmax"} and max(errors.values()) < 1e-12, errors
-    assert (hf_peer.hf_gemma.Gemma4UnifiedRMSNorm.forward, hf_peer.hf_gemma.Gemma4UnifiedTextRotaryEmbedding.forward,
-            hf_peer.hf_gemma.eager_attention_forward) == before
+    assert [getattr(owner, name) for owner, name, _ in hf_peer._FLOAT64_SWAPS] == before
 
 
 def test_far_positions_as_near_float64_as_hfs_float32(tmp_path, load):
