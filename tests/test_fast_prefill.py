@@ -114,16 +114,24 @@ def test_attention_on_columns_matches_ref_for_every_mask(t, past, heads, dh, win
 
 def test_softmax_on_columns_takes_the_max_of_the_visible_scores_only():
     """A masked score larger than every visible one must not set the max (it would underflow the visible
-    exps to zero), and a column that sees nothing keeps its running state."""
-    p = np.float32([[[1.0, 0.0], [500.0, -3.0], [2.0, 5.0]]])  # [1 head, 3 keys, 2 queries]
-    mask = np.array([[True, False], [False, False], [True, False]])  # query 1 sees nothing
+    exps to zero), a masked +inf (-inf + inf = NaN with the additive mask) must come out 0 and not reach
+    the max or the sum, and a column that sees nothing keeps its running state."""
+    p = np.float32([[[1.0, 0.0], [500.0, -3.0], [2.0, 5.0], [np.inf, 7.0]]])  # [1 head, 4 keys, 2 queries]
+    mask = np.array([[True, False], [False, False], [True, False], [False, False]])  # query 1 sees nothing
     m, den = np.full((1, 2), -np.inf, np.float32), np.zeros((1, 2), np.float32)
     scale = np.empty((1, 2), np.float32)
-    prefill.softmax_t(p, mask, 0, 0, m, den, scale)
+    prefill.softmax_t(p, prefill.mask_bias(mask), 0, 0, m, den, scale)
     assert m[0, 0] == 2.0 and m[0, 1] == -np.inf and den[0, 1] == 0 and scale[0, 1] == 1
-    np.testing.assert_allclose(p[0, :, 0], [np.exp(-1.0), 0.0, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(p[0, :, 0], [np.exp(-1.0), 0.0, 1.0, 0.0], rtol=1e-6)
     np.testing.assert_allclose(den[0, 0], 1 + np.exp(-1.0), rtol=1e-6)
     assert not p[0, :, 1].any()
+
+
+def test_mask_bias_is_zero_where_seen_and_minus_infinity_elsewhere():
+    mask = np.array([[True, False, True], [False, False, True]])
+    bias = prefill.mask_bias(mask)
+    assert bias.dtype == np.float32 and bias.shape == mask.shape
+    np.testing.assert_array_equal(bias, np.where(mask, 0.0, -np.inf))
 
 
 configs = st.fixed_dictionaries({
