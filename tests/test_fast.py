@@ -339,6 +339,33 @@ def test_gelu_is_refs_within_the_derived_bound(shape, scale, seed):
     assert np.all(np.abs(got[finite] - want[finite]) <= bound)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_gelu_splits_large_arrays_over_threads_with_the_same_numbers(monkeypatch, threads):
+    """From GELU_SPLIT_MIN values the rows are split over the threads: every row exactly once, in as many
+    parts as threads, and the values those of one pass over the whole array."""
+    rng = np.random.default_rng(threads)
+    rows = cpu.GELU_SPLIT_MIN // 64 + 7  # just above the threshold, not a multiple of the parts
+    g, u = rng.normal(0, 3, (2, rows, 64)).astype(np.float32)
+    want = g.copy()
+    cpu._gelu_mul(want, u)
+    real, parts = cpu._gelu_mul, []
+
+    def spy(x, y):
+        parts.append(x.shape[0])
+        real(x, y)
+
+    monkeypatch.setattr(cpu, "_gelu_mul", spy)
+    monkeypatch.setattr(cpu.nb, "get_num_threads", lambda: threads)
+    got = g.copy()
+    cpu.gelu_tanh_mul(got, u)
+    np.testing.assert_array_equal(got, want)
+    assert sorted(parts) == sorted(rows * (i + 1) // threads - rows * i // threads for i in range(threads))
+    parts.clear()
+    small = g[: rows // 2].copy()  # below the threshold: one pass on this thread
+    cpu.gelu_tanh_mul(small, u[: rows // 2])
+    assert parts == [rows // 2]
+
+
 @SETTINGS
 @given(**attention_strategies())
 def test_attention_matches_ref_for_every_mask(t, past, heads, dh, window, kind, bidir, pad, tile, key_tile, seed):
