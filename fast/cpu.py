@@ -687,37 +687,49 @@ def _gelu_mul(x, u):
             x[r, i] = v * (np.float32(1.0) if y2 >= np.float32(0.0) else e) / (np.float32(1.0) + e) * u[r, i]
 
 
-# Values from which GELU's rows are split over every core (`gelu_tanh_mul`). On the 2-core Zen 1 one 4096 x
-# 512 GELU (2M values) takes 5.7 ms on one core, and a 512-token prefill of the bench model has eight.
-GELU_SPLIT_MIN = 1 << 18
+# Values from which GELU runs on every core (`gelu_tanh_mul`, `on_every_core`). On the 2-core Zen 1 one
+# 4096 x 512 GELU (2M values) takes 5.7 ms on one core; parking OpenBLAS's workers and restarting them costs
+# ~90 us. (The token-minor softmax split the same way gained nothing in the model: 3.5 ms a layer at one
+# core, the park and restart around each query tile taking most of what the second core saves.)
+SPLIT_MIN = 1 << 18
 _HELPERS: list = []  # [ThreadPoolExecutor], made at the first split
 
 
 def _helpers() -> ThreadPoolExecutor:
     if not _HELPERS:
-        _HELPERS.append(ThreadPoolExecutor(max(1, nb.get_num_threads() - 1), thread_name_prefix="fast-gelu"))
+        _HELPERS.append(ThreadPoolExecutor(max(1, nb.get_num_threads() - 1), thread_name_prefix="fast-rows"))
     return _HELPERS[0]
+
+
+def on_every_core(rows: int, work) -> None:
+    """work(a, b) for row ranges that cover 0..rows once, as many as Numba's thread count (at most one a
+    row): this thread runs the first, Python threads the rest; to run at once, work must release the GIL
+    (a nogil kernel). OpenBLAS's workers are parked first, so none spins against them (a Numba-parallel
+    loop in this place was 10 % slower, its OpenMP pool spinning against the next product in turn:
+    fast/PERFORMANCE.md); the next product starts them again (~90 us for both, measured). Only between
+    products, from one caller thread (as `park_blas_threads`)."""
+    parts = min(nb.get_num_threads(), rows)
+    if parts < 2:
+        work(0, rows)
+        return
+    park_blas_threads()
+    cut = [rows * i // parts for i in range(parts + 1)]
+    rest = [_helpers().submit(work, a, b) for a, b in zip(cut[1:-1], cut[2:])]
+    work(0, cut[1])
+    for f in rest:
+        f.result()
 
 
 def gelu_tanh_mul(g: np.ndarray, u: np.ndarray) -> None:
     """g <- gelu_tanh(g) * u in place, as ref's mlp (`_gelu_mul`). g, u float32 [R, C], C-contiguous. One
-    compiled pass instead of numpy's three (argument, tanh, product). From GELU_SPLIT_MIN values its rows
-    are split over Numba's thread count: this thread takes the first part and Python threads the rest
-    (`_gelu_mul` releases the GIL), with OpenBLAS's workers parked first so that none spins against them
-    (a Numba-parallel loop would leave its own pool spinning against the next product: 10 % slower,
-    fast/PERFORMANCE.md). On the 2-core Zen 1 a GELU and the product after it 36.4 -> 33.7 ms, a 512-token
-    prefill of the bench model 2264 -> 2232 ms (medians of 12 interleaved rounds, 9 faster). The numbers
-    are the same either way: each value is computed alone."""
-    parts = min(nb.get_num_threads(), g.shape[0]) if g.size >= GELU_SPLIT_MIN else 1
-    if parts < 2:
+    compiled pass instead of numpy's three (argument, tanh, product), its rows over every core from SPLIT_MIN
+    values (`on_every_core`): on the 2-core Zen 1 a GELU and the product after it 36.4 -> 33.7 ms, a
+    512-token prefill of the bench model 2264 -> 2232 ms (medians of 12 interleaved rounds, 9 faster). Each
+    value is computed alone, so the numbers are the same either way."""
+    if g.size < SPLIT_MIN:
         _gelu_mul(g, u)
-        return
-    park_blas_threads()
-    cut = [g.shape[0] * i // parts for i in range(parts + 1)]
-    rest = [_helpers().submit(_gelu_mul, g[a:b], u[a:b]) for a, b in zip(cut[1:-1], cut[2:])]
-    _gelu_mul(g[:cut[1]], u[:cut[1]])
-    for f in rest:
-        f.result()
+    else:
+        on_every_core(g.shape[0], lambda a, b: _gelu_mul(g[a:b], u[a:b]))
 
 
 # RoPE in ref's operation order without fastmath: no fused multiply-add, so each result is the float32

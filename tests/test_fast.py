@@ -341,10 +341,10 @@ def test_gelu_is_refs_within_the_derived_bound(shape, scale, seed):
 
 @pytest.mark.parametrize("threads", [2, 3])
 def test_gelu_splits_large_arrays_over_threads_with_the_same_numbers(monkeypatch, threads):
-    """From GELU_SPLIT_MIN values the rows are split over the threads: every row exactly once, in as many
-    parts as threads, and the values those of one pass over the whole array."""
+    """From SPLIT_MIN values the rows are split over the threads (`on_every_core`): every row exactly once,
+    in as many parts as threads, and the values those of one pass over the whole array."""
     rng = np.random.default_rng(threads)
-    rows = cpu.GELU_SPLIT_MIN // 64 + 7  # just above the threshold, not a multiple of the parts
+    rows = cpu.SPLIT_MIN // 64 + 7  # just above the threshold, not a multiple of the parts
     g, u = rng.normal(0, 3, (2, rows, 64)).astype(np.float32)
     want = g.copy()
     cpu._gelu_mul(want, u)
