@@ -519,6 +519,14 @@ def test_ring_cache_matches_list_cache():
                     np.testing.assert_array_equal(vg[:, list(ig).index(j)], vw[:, list(iw).index(j)])
 
 
+def test_rows_ascending_by_one_become_a_slice_and_nothing_else_does():
+    """The cache copies a prompt's rows with a slice only where the index array selects the same rows."""
+    assert cpu._as_slice(np.arange(3, 9)) == slice(3, 9)
+    assert cpu._as_slice(np.array([5])) == slice(5, 6)
+    for idx in ([], [3, 0, 1, 2], [0, 2, 1, 3], [0, 1, 3], [4, 3, 2], [1, 1]):
+        assert cpu._as_slice(np.array(idx, np.int64)) is None
+
+
 def test_ring_cache_uploads_a_call_s_indices_once_for_all_layers():
     """With K/V on a device (here a stand-in array module that counts uploads), a prompt's slot indices go
     up once per decoder call, whatever the number of layers (each upload from pageable memory waits for
