@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 import platform
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -692,13 +693,17 @@ def _gelu_mul(x, u):
 # ~90 us. (The token-minor softmax split the same way gained nothing in the model: 3.5 ms a layer at one
 # core, the park and restart around each query tile taking most of what the second core saves.)
 SPLIT_MIN = 1 << 18
-_HELPERS: list = []  # [ThreadPoolExecutor], made at the first split
+_HELPERS: dict = {}  # process id -> ThreadPoolExecutor, made at the first split
 
 
 def _helpers() -> ThreadPoolExecutor:
-    if not _HELPERS:
-        _HELPERS.append(ThreadPoolExecutor(max(1, nb.get_num_threads() - 1), thread_name_prefix="fast-rows"))
-    return _HELPERS[0]
+    """The pool of the rows' helper threads, one per process: a forked child inherits the parent's pool
+    without its threads, and work handed to it would wait forever."""
+    pid = os.getpid()
+    if pid not in _HELPERS:
+        _HELPERS.clear()
+        _HELPERS[pid] = ThreadPoolExecutor(max(1, nb.get_num_threads() - 1), thread_name_prefix="fast-rows")
+    return _HELPERS[pid]
 
 
 def on_every_core(rows: int, work) -> None:

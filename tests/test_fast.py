@@ -6,7 +6,9 @@ different order than BLAS, nothing else differs.
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -517,6 +519,36 @@ def test_ring_cache_matches_list_cache():
                 for j in iw[live]:
                     np.testing.assert_array_equal(kg[:, list(ig).index(j)], kw[:, list(iw).index(j)])
                     np.testing.assert_array_equal(vg[:, list(ig).index(j)], vw[:, list(iw).index(j)])
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no os.fork on this platform")
+def test_gelu_split_runs_in_a_forked_child(monkeypatch):
+    """A child forked after the helper threads exist gets none of them; its split must not wait for them
+    (a pool inherited as it was would queue the work forever)."""
+    monkeypatch.setattr(cpu.nb, "get_num_threads", lambda: 2)
+    rng = np.random.default_rng(1)
+    g, u = rng.normal(0, 3, (2, cpu.SPLIT_MIN // 64 + 1, 64)).astype(np.float32)
+    want = g.copy()
+    cpu.gelu_tanh_mul(want, u)  # the parent's pool now exists
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if its split gave the parent's numbers
+        ok = False
+        try:
+            got = g.copy()
+            cpu.gelu_tanh_mul(got, u)
+            ok = bool(np.array_equal(got, want))
+        finally:
+            os._exit(0 if ok else 1)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child's GELU did not finish in 60 s")
 
 
 def test_rows_ascending_by_one_become_a_slice_and_nothing_else_does():
