@@ -45,7 +45,7 @@ ROWS = {  # fast.cpu function -> what its own time is
     "_decode_serial": "decode attention: split-key kernel, one thread",
     "_combine": "decode attention: merge of the key chunks",
     "mlp": "MLP wrapper",
-    "gelu_tanh_mul": "GELU times up: one compiled pass (and the wrapper)",
+    "gelu_tanh_mul": "GELU times up: one compiled pass, its rows over every core (and the wrapper)",
     "rms_norm": "RMSNorm (kernel and wrapper)",
     "apply_rope": "RoPE (kernel and wrapper)",
     "lm_head": "head: soft-capping",
