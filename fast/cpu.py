@@ -1078,20 +1078,18 @@ def claim_slot(slots, q):
 HUGE_PAGE = 2 << 20
 
 
-def huge_zeros(shape: tuple) -> np.ndarray:
-    """A zeroed float32 array of `shape`; from half a 2 MB page up, one that starts on a 2 MB boundary of a
-    buffer numpy asks the kernel to back with 2 MB pages (numpy does so from 4 MB). A decode step reads
-    every layer's keys and values once, cold; in 4 KB pages the hardware prefetcher starts over at every
-    page and the TLB misses more. On the 2-core Zen 1, 8 layers of 544 keys (4 heads of 128, 2.2 MB each)
-    took 166 against 184 us a layer (182 against 207 in another sitting; medians of 20 interleaved
-    rounds); in the model, 16 tokens after the 512-token prompt, 20.05 against 20.86 ms a token (19 of 30
-    rounds, within this host's noise). Only the array is written (zeroed here), not the buffer's head."""
+def huge_empty(shape: tuple) -> np.ndarray:
+    """An uninitialised float32 array of `shape`; from half a 2 MB page up, one that starts on a 2 MB
+    boundary of a buffer numpy asks the kernel to back with 2 MB pages (numpy does so from 4 MB). A decode
+    step reads every layer's keys and values once, cold; in 4 KB pages the hardware prefetcher starts over
+    at every page and the TLB misses more. On the 2-core Zen 1, 8 layers of 544 keys (4 heads of 128,
+    2.2 MB each) took 166 against 184 us a layer (182 against 207 in another sitting; medians of 20
+    interleaved rounds); in the model, 16 tokens after the 512-token prompt, 20.05 against 20.86 ms a token
+    (19 of 30 rounds, within this host's noise)."""
     nbytes = int(np.prod(shape)) * 4
     if nbytes < HUGE_PAGE // 2:
-        return np.zeros(shape, np.float32)
-    out = _aligned_empty(max(HUGE_PAGE, nbytes), HUGE_PAGE)[:nbytes].view(np.float32).reshape(shape)
-    out.fill(0)  # the array only: a reused heap block's head stays as it was, a fresh mapping's untouched
-    return out
+        return np.empty(shape, np.float32)
+    return _aligned_empty(max(HUGE_PAGE, nbytes), HUGE_PAGE)[:nbytes].view(np.float32).reshape(shape)
 
 
 class RingKVCache(KVCache):
@@ -1109,9 +1107,21 @@ class RingKVCache(KVCache):
         self.slots = {}  # layer -> [cap] absolute index of the token each slot holds (-1: none yet)
         self._uploaded = {}  # this call's index arrays already on the device, by content (`_on_device`)
 
-    def _zeros(self, shape: tuple) -> np.ndarray:
-        """A zeroed float32 array of `shape` for K or V: on the host one in 2 MB pages (`huge_zeros`)."""
-        return huge_zeros(shape) if self.xp is np else self.xp.zeros(shape, np.float32)
+    def _empty(self, shape: tuple) -> np.ndarray:
+        """An uninitialised float32 array of `shape` for K or V: on the host one in 2 MB pages (`huge_empty`).
+        `_zero_unclaimed` zeroes what the first call's tokens leave unwritten."""
+        return huge_empty(shape) if self.xp is np else self.xp.empty(shape, np.float32)
+
+    def _zero_unclaimed(self, i: int) -> None:
+        """Zero layer i's K/V slots that no token holds yet. Run once, after the first call's rows are
+        stored: zeroing the whole cache first wrote a prompt's rows twice (the bench model's 8 layers after
+        a 512-token prompt: 7.5 -> 6.2 ms, medians of 30 interleaved rounds, the Zen 1). The slots left
+        (a tail; none where a prompt fills a ring) read zeros, as in a cache zeroed whole."""
+        free = np.flatnonzero(self.slots[i] < 0)
+        if free.size:
+            rows = _as_slice(free) or self._on_device(free)
+            self.keys[i][:, rows] = 0
+            self.values[i][:, rows] = 0
 
     def append_tokens(self, key_ok: np.ndarray, block: np.ndarray) -> int:
         start, T = self.length, key_ok.shape[1]
@@ -1142,10 +1152,11 @@ class RingKVCache(KVCache):
 
     def extend(self, i, k, v, q_idx, kind, window):
         B, T, K, Dh = k.shape
-        if i not in self.keys:
+        fresh = i not in self.keys
+        if fresh:
             cap = window if kind == SLIDING else self.max_len
-            self.keys[i] = self._zeros((B, cap, K, Dh))
-            self.values[i] = self._zeros((B, cap, K, Dh))
+            self.keys[i] = self._empty((B, cap, K, Dh))
+            self.values[i] = self._empty((B, cap, K, Dh))
             self.slots[i] = np.full(cap, -1, np.int64)
         keys, values, slots = self.keys[i], self.values[i], self.slots[i]
         cap = keys.shape[1]
@@ -1157,6 +1168,8 @@ class RingKVCache(KVCache):
             else:
                 slot, n = self.claim(i, int(q_idx[0]))
                 keys[:, slot], values[:, slot] = k[:, 0], v[:, 0]
+                if fresh:
+                    self._zero_unclaimed(i)
                 return keys[:, :n], values[:, :n], slots[:n]
         else:
             held = np.flatnonzero(filled)
@@ -1170,6 +1183,8 @@ class RingKVCache(KVCache):
         if rows is None or src is None:  # the ring wraps: scattered rows
             rows, src = self._on_device(s), self._on_device(kept)  # indices: no device sync to count
         keys[:, rows], values[:, rows], slots[s] = k[:, src], v[:, src], q_idx[keep]
+        if fresh:
+            self._zero_unclaimed(i)
         return k_att, v_att, idx_att
 
 

@@ -485,12 +485,11 @@ def test_tiled_attention_default_tiles_across_the_window(kind, keep_mask, monkey
 
 
 @pytest.mark.parametrize("shape", [(1, 3, 2, 4), (1, 1024, 4, 128), (2, 700, 3, 130)])
-def test_huge_zeros_are_zeros_and_large_ones_start_on_a_2mb_page(shape):
-    """Zeroed float32 of the shape, writeable and C-contiguous; from 1 MB up, 2 MB aligned (the kernel can
-    back such a start with a huge page), and a cache's K/V arrays are made this way."""
-    a = cpu.huge_zeros(shape)
+def test_huge_empty_is_usable_and_large_ones_start_on_a_2mb_page(shape):
+    """Float32 of the shape, writeable and C-contiguous; from 1 MB up, 2 MB aligned (the kernel can back
+    such a start with a huge page), and a cache's K/V arrays are made this way."""
+    a = cpu.huge_empty(shape)
     assert a.shape == shape and a.dtype == np.float32 and a.flags.c_contiguous and a.flags.writeable
-    assert not a.any()
     a[...] = 1  # the whole array is usable memory
     if a.nbytes >= cpu.HUGE_PAGE // 2:
         assert a.ctypes.data % cpu.HUGE_PAGE == 0
@@ -499,6 +498,24 @@ def test_huge_zeros_are_zeros_and_large_ones_start_on_a_2mb_page(shape):
     cache.extend(0, k, k, np.arange(2), FULL, 4)
     assert cache.keys[0].shape == (1,) + shape[1:] and (cache.keys[0].nbytes < cpu.HUGE_PAGE // 2
                                                        or cache.keys[0].ctypes.data % cpu.HUGE_PAGE == 0)
+
+
+@pytest.mark.parametrize("kind, prompt", [(FULL, 5), (FULL, 1), (SLIDING, 3), (SLIDING, 9)])
+def test_a_new_cache_holds_zeros_where_its_first_tokens_did_not_land(monkeypatch, kind, prompt):
+    """The cache's arrays start uninitialised (here: NaN, as reused memory may hold) and only the slots the
+    first call leaves free are zeroed: after it, the prompt's rows hold its keys and values and every other
+    slot 0, for a full cache (capacity 12), a ring (window 4) the prompt fits or wraps, and a 1-token call."""
+    monkeypatch.setattr(cpu, "huge_empty", lambda shape: np.full(shape, np.nan, np.float32))
+    rng = np.random.default_rng(3)
+    cache = cpu.RingKVCache(1, 12)
+    cache.append_tokens(np.ones((1, prompt), bool), np.full((1, prompt), -1))
+    k, v = rng.normal(size=(2, 1, prompt, 2, 4)).astype(np.float32) + 2  # never 0
+    cache.extend(0, k, v, np.arange(prompt), kind, 4)
+    held = cache.slots[0] >= 0
+    assert held.sum() == min(prompt, 4 if kind == SLIDING else 12)
+    for got, want in ((cache.keys[0], k), (cache.values[0], v)):
+        np.testing.assert_array_equal(got[:, held], want[:, cache.slots[0][held]])
+        assert not got[:, ~held].any() and not np.isnan(got).any()
 
 
 def test_ring_cache_matches_list_cache():
@@ -566,7 +583,7 @@ def test_ring_cache_uploads_a_call_s_indices_once_for_all_layers():
     import types
 
     uploads = []
-    counting = types.SimpleNamespace(zeros=np.zeros, concatenate=np.concatenate,
+    counting = types.SimpleNamespace(empty=np.empty, concatenate=np.concatenate,
                                      asarray=lambda a: (uploads.append(a), np.array(a))[1])
 
     def run(layers_per_kind, xp):
