@@ -39,6 +39,7 @@ def layer_pattern(layers: int) -> list[str]:
             + ["sliding_attention"] * (layers % 6 - 1) + ["full_attention"] * (layers % 6 > 0))
 
 
+BENCH_POSITIONS = 4096  # the bench models' max_position_embeddings: prompt and decoded tokens fit in it
 BENCH_VOCAB = 32768  # its top id is the bench's eos (suppressed); its media ids lie just below (media_token_ids)
 
 
@@ -46,7 +47,7 @@ def bench_config(layers: int = 8) -> dict:
     """~160M parameters with the real model's shapes scaled down: 4:1 MLP, GQA 8/4, k_eq_v global layers."""
     hf = tiny_hf_dict(vocab_size=BENCH_VOCAB, hidden_size=1024, intermediate_size=4096, num_hidden_layers=layers,
                       num_attention_heads=8, num_key_value_heads=4, head_dim=128, global_head_dim=256,
-                      num_global_key_value_heads=1, sliding_window=1024, max_position_embeddings=4096,
+                      num_global_key_value_heads=1, sliding_window=1024, max_position_embeddings=BENCH_POSITIONS,
                       layer_types=layer_pattern(layers))
     hf["vision_config"].update(mm_embed_dim=1024, output_proj_dims=1024, mm_posemb_size=64)
     return hf
@@ -57,7 +58,8 @@ def wide_config(layers: int = 2) -> dict:
     3840 output table) with `layers` layers instead of 48: for a GPU, whose decode the bench model's 342 MB
     cannot load (a step's launches, not its bytes, bound it there). The image/audio token ids of the bench."""
     hf = gemma4_12b_hf_dict()
-    hf["text_config"].update(num_hidden_layers=layers, layer_types=layer_pattern(layers), max_position_embeddings=4096)
+    hf["text_config"].update(num_hidden_layers=layers, layer_types=layer_pattern(layers),
+                             max_position_embeddings=BENCH_POSITIONS)
     hf.update(media_token_ids(BENCH_VOCAB))
     return hf
 
@@ -297,19 +299,49 @@ def run_hf(path, dtype, device, ids, n_decode, repeats, hf_cfg, attn="sdpa"):
     return _summary(once, repeats, own_weight_buffers(model, hf_cfg) if device == "cpu" else None)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fast.bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--prompt", type=int, default=512)
-    ap.add_argument("--decode", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--layers", type=int, help="decoder layers (default: 8 for the bench model, 2 for --wide)")
+BACKENDS = ("hf-f32", "hf-bf16", "ref", "fast", "fast-gpu")  # the names --skip takes
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, checked before a minute of benchmarking is spent: counts at least 1, backends
+    by name, the prompt and decoded tokens within the model's positions, --json's folder there. A bad one
+    raises ref.run.UsageError."""
+    from ref.run import OneLineParser, UsageError, positive_int
+
+    ap = OneLineParser(prog="python -m fast.bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--prompt", type=positive_int, default=512, metavar="N", help="prompt tokens (default 512)")
+    ap.add_argument("--decode", type=positive_int, default=32, metavar="N",
+                    help="decoded tokens timed after the first (default 32)")
+    ap.add_argument("--repeats", type=positive_int, default=3, metavar="N",
+                    help="timed calls per backend; prefill is the best, decode the median gap (default 3)")
+    ap.add_argument("--layers", type=positive_int, metavar="N",
+                    help="decoder layers (default: 8 for the bench model, 2 for --wide)")
     ap.add_argument("--wide", action="store_true",
                     help="Gemma 4 12B's own layer and table sizes (fast.bench.wide_config) instead of the bench model")
-    ap.add_argument("--skip", default="",
-                    help="comma-separated backends to leave out (hf-f32,hf-bf16,ref,fast,fast-gpu)")
+    ap.add_argument("--skip", default="", help=f"comma-separated backends to leave out ({','.join(BACKENDS)})")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
-    skip = set(filter(None, args.skip.split(",")))
+    args.skip = set(filter(None, args.skip.split(",")))
+    unknown = sorted(args.skip - set(BACKENDS))
+    if unknown:
+        raise UsageError(f"--skip: no backend named {', '.join(unknown)} (the names: {', '.join(BACKENDS)})")
+    if args.prompt + args.decode + 1 > BENCH_POSITIONS:
+        raise UsageError(f"--prompt {args.prompt} and --decode {args.decode} need {args.prompt + args.decode + 1} "
+                         f"positions; the bench model has {BENCH_POSITIONS}")
+    if args.json is not None and not (args.json.parent.is_dir() and os.access(args.json.parent, os.W_OK)):
+        raise UsageError(f"--json: {args.json.parent} is not a folder this process can write {args.json.name} in")
+    return args
+
+
+def main(argv=None) -> int:
+    from ref.run import UsageError
+
+    try:
+        args = parse_args(argv)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    skip = args.skip
 
     hf_cfg = wide_config(args.layers or 2) if args.wide else bench_config(args.layers or 8)
     weights, head = decoder_weight_counts(hf_cfg)
@@ -405,8 +437,10 @@ def main(argv=None) -> int:
           "right before and after that row's timed calls, the better of each, bw the best of 1 GB probes "
           "and a read of the backend's own weight buffers (own, GB/s), which a host may place in faster or "
           "slower memory than a probe's")
-    if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "gemm_bound_s": bound}, indent=1))
+    if args.json:  # whole or not at all: a file written beside it, then renamed over the destination
+        part = args.json.with_name(args.json.name + ".part")
+        part.write_text(json.dumps({"rows": rows, "gemm_bound_s": bound}, indent=1))
+        os.replace(part, args.json)
     return 0
 
 

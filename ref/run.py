@@ -321,12 +321,15 @@ class UsageError(Exception):
     """A bad command line: exit status 2."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse would print the usage and exit; we want one line and status 2
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad command line raises UsageError (the caller prints one line, exits 2) instead
+    of printing the usage and exiting. fast.bench parses with it too."""
+
+    def error(self, message):
         raise UsageError(message)
 
 
-def _positive_int(s: str) -> int:
+def positive_int(s: str) -> int:
     v = int(s)
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
@@ -348,7 +351,7 @@ def _non_negative(s: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="python -m ref.run", description="Ask Gemma 4 Unified about pictures, sounds and videos. "
+    ap = OneLineParser(prog="python -m ref.run", description="Ask Gemma 4 Unified about pictures, sounds and videos. "
                  "Without --model: the embedded demo model; without media and prompt: the built-in demo.")
     ap.add_argument("--model", type=Path, help="checkpoint directory (config.json, model.safetensors, tokenizer.json, "
                     "chat_template.jinja); default: the embedded demo model")
@@ -357,14 +360,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--video", action="append", default=[], metavar="PATH", help="a video or animated GIF (repeatable)")
     ap.add_argument("--prompt", help="the question (default: a description request for the media given)")
     ap.add_argument("--system", help="a system prompt")
-    ap.add_argument("--max-new-tokens", type=_positive_int, default=256, metavar="N")
+    ap.add_argument("--max-new-tokens", type=positive_int, default=256, metavar="N")
     ap.add_argument("--temperature", type=_non_negative, default=0.0, metavar="T", help="0 = greedy (default)")
-    ap.add_argument("--top-k", type=_positive_int, default=None, metavar="K", help="sampling only")
+    ap.add_argument("--top-k", type=positive_int, default=None, metavar="K", help="sampling only")
     ap.add_argument("--top-p", type=_fraction, default=None, metavar="P", help="sampling only")
     ap.add_argument("--seed", type=int, default=None, metavar="S", help="sampling seed")
     ap.add_argument("--max-soft-tokens", type=int, choices=SOFT_TOKEN_BUDGETS, default=None, metavar="{70,140,280,560,1120}",
                     help="image budget (default: the checkpoint's processor_config.json, else 280)")
-    ap.add_argument("--video-frames", type=_positive_int, default=media.DEFAULT_NUM_FRAMES, metavar="N",
+    ap.add_argument("--video-frames", type=positive_int, default=media.DEFAULT_NUM_FRAMES, metavar="N",
                     help="frames sampled per video (default 32)")
     ap.add_argument("--audio-chunk", action="store_true", help="split sounds longer than 30 s into 30 s clips "
                     "(default: refuse them)")

@@ -36,6 +36,26 @@ def test_bench_runs_and_reports_every_backend(tmp_path, capsys):
     # each CPU row's bandwidth limit is the best reading, its own weight buffers' among them
     assert all(r["read_gbs"] >= r["own_read_gbs"] > 0 for r in rows.values() if r["cpu"])
     assert "x best HF" in capsys.readouterr().out
+    assert [f.name for f in tmp_path.iterdir()] == ["bench.json"]  # written whole: no partial file left
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--skip", "hf-f32,bogus"], "no backend named bogus"),
+    (["--decode", "0"], "must be at least 1"),
+    (["--repeats", "-2"], "must be at least 1"),
+    (["--layers", "two"], "invalid positive_int value"),
+    (["--prompt", "4000", "--decode", "96"], "need 4097 positions"),
+    (["--json", "{tmp}/no/such/folder/bench.json"], "is not a folder"),
+])
+def test_bench_refuses_a_bad_command_line_in_one_line_before_it_runs(tmp_path, capsys, argv, says):
+    """Status 2 and one line on stderr naming the problem, before anything is measured (nothing on stdout,
+    where the run's first line would be) and nothing written."""
+    from fast import bench
+
+    assert bench.main([a.format(tmp=tmp_path) for a in argv]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and err.startswith("error: ") and says in err
+    assert not any(tmp_path.iterdir())
 
 
 def test_estimate_12b_times_every_layer_and_the_head(tmp_path):
