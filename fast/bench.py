@@ -305,8 +305,8 @@ BACKENDS = ("hf-f32", "hf-bf16", "ref", "fast", "fast-gpu")  # the names --skip 
 def parse_args(argv=None) -> argparse.Namespace:
     """The command line, checked before a minute of benchmarking is spent: counts at least 1, backends
     by name, the prompt and decoded tokens within the model's positions, --json's folder there. A bad one
-    raises ref.run.UsageError."""
-    from ref.run import OneLineParser, UsageError, positive_int
+    raises ref.errors.UsageError."""
+    from ref.errors import OneLineParser, UsageError, positive_int
 
     ap = OneLineParser(prog="python -m fast.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--prompt", type=positive_int, default=512, metavar="N", help="prompt tokens (default 512)")
@@ -334,7 +334,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    from ref.run import UsageError
+    from ref.errors import UsageError
 
     try:
         args = parse_args(argv)

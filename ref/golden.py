@@ -18,7 +18,6 @@ their budget size): a porter whose resize kernel differs from Pillow's still mat
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -32,6 +31,7 @@ import numpy as np
 from . import masks as _masks
 from .audio import preprocess_audio
 from .config import FULL, SLIDING, Config, tiny_hf_dict
+from .errors import OneLineParser, UsageError
 from .image import preprocess_images
 from .model import Model, load_model
 from .safetensors_io import Bf16, f32_to_bf16, open_tensors, save_file, to_f32
@@ -454,13 +454,17 @@ def load_case(case_dir: Path) -> tuple[dict, dict, dict, dict]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ref.golden", description=__doc__.split("\n")[0])
+    ap = OneLineParser(prog="python -m ref.golden", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     mk = sub.add_parser("make", help="(re)write golden cases from ref")
     mk.add_argument("cases", nargs="*", metavar="CASE", help=f"default: all ({', '.join(CASE_NAMES)})")
     mk.add_argument("--out", type=Path, default=GOLDEN_DIR, help="default: golden/ at the repository root")
     sub.add_parser("list", help="list the cases and what each catches")
-    args = ap.parse_args(argv)
+    try:
+        args = ap.parse_args(argv)
+    except UsageError as e:
+        print(f"golden: {e}", file=sys.stderr)
+        return 2
     if args.command == "list":
         for c in CASES:
             print(f"{c.name}: {c.about}")

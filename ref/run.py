@@ -27,7 +27,7 @@ from . import media
 from . import prompt as P
 from .audio import preprocess_audio
 from .config import SOFT_TOKEN_BUDGETS
-from .errors import ConfigError
+from .errors import ConfigError, OneLineParser, UsageError, positive_int
 from .image import check_budget, preprocess_images
 from .model import Model, load_model
 from .video import preprocess_video
@@ -316,25 +316,6 @@ class Session:
 
 
 # ---- the command line -------------------------------------------------------------------------------------
-
-class UsageError(Exception):
-    """A bad command line: exit status 2."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad command line raises UsageError (the caller prints one line, exits 2) instead
-    of printing the usage and exiting. fast.bench parses with it too."""
-
-    def error(self, message):
-        raise UsageError(message)
-
-
-def positive_int(s: str) -> int:
-    v = int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
-    return v
-
 
 def _fraction(s: str) -> float:
     v = float(s)

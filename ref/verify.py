@@ -21,7 +21,6 @@ Exit status: 0 all compared stages pass, 1 a stage fails, 2 the case, dump or ba
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import dataclass, field, replace
@@ -31,7 +30,7 @@ import numpy as np
 
 from .config import FULL, SLIDING
 from .embedders import position_embedding
-from .errors import CheckpointError
+from .errors import CheckpointError, OneLineParser, UsageError
 from .golden import (GOLDEN_DIR, IMAGE_BUDGET, NEW_TOKENS, VIDEO_BUDGET, load_case, media, plain_layer_mask, run_ref,
                      stage_rank, tolerance)
 from .layers import layer_norm
@@ -584,7 +583,7 @@ def render(v: Verdict, source: str) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ref.verify", description="Compare an implementation with a "
+    ap = OneLineParser(prog="python -m ref.verify", description="Compare an implementation with a "
                                  "golden case, stage by stage (golden/README.md).")
     ap.add_argument("case", help="a case name under golden/ or a case directory")
     ap.add_argument("--tensors", type=Path, metavar="DUMP", help="a safetensors dump of your stages")
@@ -593,8 +592,8 @@ def main(argv=None) -> int:
                     help="mask semantics required for exit 0 (default: spec)")
     ap.add_argument("--hf-plain-masks", action="store_true", help="with --impl transformers: HF's plain forward masks")
     ap.add_argument("--golden", type=Path, default=GOLDEN_DIR, help="where the cases are (default: golden/)")
-    args = ap.parse_args(argv)
     try:
+        args = ap.parse_args(argv)
         case_dir = resolve_case(args.case, args.golden)
         if args.tensors is not None and args.impl is not None:
             raise VerifyError("give --tensors or --impl, not both")
@@ -609,7 +608,7 @@ def main(argv=None) -> int:
             got, fed = run_impl(impl, case_dir, manifest, inputs, golden, args.hf_plain_masks)
             source = f"--impl {impl}" + (" (HF plain-forward masks)" if args.hf_plain_masks else "")
         verdict = check(case_dir, got, args.masks, fed)
-    except VerifyError as e:
+    except (VerifyError, UsageError) as e:
         print(f"verify: {e}", file=sys.stderr)
         return 2
     print(render(verdict, source))

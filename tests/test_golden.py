@@ -276,6 +276,20 @@ def test_errors_are_one_line(tmp_path, monkeypatch, capsys):
     assert "fast backend is not available" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("tool, argv, says", [
+    ("verify", ["audio_batch", "--bogus"], "unrecognized arguments: --bogus"),
+    ("verify", ["audio_batch", "--masks", "loose"], "invalid choice: 'loose'"),
+    ("golden", ["check"], "invalid choice: 'check'"),
+    ("golden", ["make", "--out"], "expected one argument"),
+])
+def test_a_bad_command_line_is_one_line(capsys, tool, argv, says):
+    """argparse's usage block and its own exit replaced by one line and status 2 (ref.errors.OneLineParser),
+    a subcommand's arguments included."""
+    assert {"verify": verify, "golden": golden}[tool].main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and err.startswith(f"{tool}: ") and says in err
+
+
 def test_golden_make_rejects_an_unknown_case(capsys):
     assert golden.main(["make", "--out", "/nonexistent", "nope"]) == 2
     assert "unknown case 'nope'" in capsys.readouterr().err
