@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ref.config import SLIDING, from_hf_dict, gemma4_12b_hf_dict, media_token_ids, tiny_hf_dict
+from ref.errors import OneLineParser, UsageError, positive_int
 from ref.tiny import write_large_bf16_checkpoint
 from ref.weights import expected_shapes
 
@@ -306,8 +307,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     """The command line, checked before a minute of benchmarking is spent: counts at least 1, backends
     by name, the prompt and decoded tokens within the model's positions, --json's folder there. A bad one
     raises ref.errors.UsageError."""
-    from ref.errors import OneLineParser, UsageError, positive_int
-
     ap = OneLineParser(prog="python -m fast.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--prompt", type=positive_int, default=512, metavar="N", help="prompt tokens (default 512)")
     ap.add_argument("--decode", type=positive_int, default=32, metavar="N",
@@ -334,8 +333,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    from ref.errors import UsageError
-
     try:
         args = parse_args(argv)
     except UsageError as e:
