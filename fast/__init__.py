@@ -43,13 +43,14 @@ class CpuModel(Model):
     def new_cache(self, batch: int, max_len: int):
         return self._cache_type(batch, max_len)
 
-    def run_decoder(self, x, positions, key_ok, block, cache=None, trace=None):
+    def run_decoder(self, x, positions, key_ok, block, cache=None, trace=None, last_only=False):
         """ref's decoder, except that a cached step of one token runs compiled whole (fast/step.py) and a
-        prompt of one sequence runs with the tokens along the columns (fast/prefill.py)."""
+        prompt of one sequence runs with the tokens along the columns (fast/prefill.py), its last layer on
+        the last token alone where only that one's states are wanted (`last_only`)."""
         from . import prefill
 
         if self.token_minor and prefill.usable(x, trace):
-            return prefill.forward(x, self.decoder_params, self.config, positions, key_ok, block, cache)
+            return prefill.forward(x, self.decoder_params, self.config, positions, key_ok, block, cache, last_only)
         if self.whole_step and trace is None and cache is not None:
             if self._step is None:
                 from .step import DecodeStep
@@ -57,7 +58,7 @@ class CpuModel(Model):
                 self._step = DecodeStep(self.config, self.decoder_params)
             if self._step.usable(x, cache):
                 return self._step(x, positions, key_ok, block, cache)
-        return super().run_decoder(x, positions, key_ok, block, cache, trace)
+        return super().run_decoder(x, positions, key_ok, block, cache, trace, last_only)
 
     def compile(self) -> float:
         """Compile (or load from Numba's cache) every kernel now -> seconds it took."""
@@ -147,9 +148,10 @@ class GpuModel(Model):
         cache.speculate = self._greedy
         return cache
 
-    def run_decoder(self, x, positions, key_ok, block, cache=None, trace=None):
+    def run_decoder(self, x, positions, key_ok, block, cache=None, trace=None, last_only=False):
         """ref's decoder, except that a cached step of one token of one sequence runs as fast/gpu_step.py's
-        captured graph and a prompt of one sequence as fast/gpu_prefill.py's fused pass."""
+        captured graph and a prompt of one sequence as fast/gpu_prefill.py's fused pass (both return every
+        token's states: `last_only` is ref's, a permission)."""
         from . import gpu_prefill
 
         if self.fused_prompt and gpu_prefill.usable(x, self.config, trace):
@@ -164,7 +166,7 @@ class GpuModel(Model):
                 self._step = GpuStep(self.config, self.decoder_params, self.head, self.embed)
             if self._step.usable(x, cache):
                 return self._step(x, positions, key_ok, block, cache)
-        return super().run_decoder(self._gpu.xp.asarray(x), positions, key_ok, block, cache, trace)
+        return super().run_decoder(self._gpu.xp.asarray(x), positions, key_ok, block, cache, trace, last_only)
 
     def _lm_head(self, h, table, cap):
         """The GPU kernels' lm_head, except for the output of a graph step, whose logits the graph computed."""

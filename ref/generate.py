@@ -63,7 +63,7 @@ def generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 0.
     x = model.embed(ids, **media)
     block = model.blocks(mm_token_type_ids, ids.shape)
     for step in range(max_new_tokens):
-        h = model.run_decoder(x, positions, key_ok, block, cache)
+        h = model.run_decoder(x, positions, key_ok, block, cache, last_only=True)
         logits = model.kernels.lm_head(h[:, -1:], model.head, cfg.final_logit_softcapping)[:, 0]
         nxt = select(logits, cfg.suppress_tokens, temperature, top_k, top_p, rng)
         nxt = np.where(done, cfg.pad_token_id, nxt)

@@ -71,11 +71,15 @@ class Model:
         return block_ids(mm_token_type_ids, shape)
 
     def run_decoder(self, x: np.ndarray, positions: np.ndarray, key_ok: np.ndarray, block: np.ndarray,
-                    cache: KVCache | None = None, trace=None) -> np.ndarray:
+                    cache: KVCache | None = None, trace=None, last_only: bool = False) -> np.ndarray:
         """inputs_embeds [B, T, D] -> final-normed hidden states [B, T, D]: `decoder_forward` with this
-        model's weights and kernels (fast/'s CPU model compiles a decoding step whole here)."""
-        return decoder_forward(x, self.decoder_params, self.config, positions, key_ok, block, cache, trace,
-                               self.kernels)
+        model's weights and kernels (fast/'s CPU model compiles a decoding step whole here). last_only: the
+        caller reads only the last token's states (generation) -> [B, 1, D]; ref computes every token and
+        returns the last, fast's prompt pass skips the work no other token needs (in its last layer). A
+        model may return [B, T, D] all the same (fast's GPU passes do): callers take h[:, -1:]."""
+        h = decoder_forward(x, self.decoder_params, self.config, positions, key_ok, block, cache, trace,
+                            self.kernels)
+        return h[:, -1:] if last_only else h
 
     def forward(self, input_ids, pixel_values=None, image_position_ids=None, pixel_values_videos=None,
                 video_position_ids=None, num_frames_per_video=None, input_features=None, input_features_mask=None,

@@ -178,7 +178,9 @@ def test_prompts_run_token_minor_and_match_ref(tmp_path_factory, monkeypatch, c,
     """A prompt, then (on the same cache) a second prompt of 9+ tokens, which attends over the first's held
     keys, sliding windows that the prompts outgrow, KV-shared and k_eq_v layers, attention biases, left
     padding and a vision block: the token-minor pass runs, and its hidden states are ref's within 1e-5
-    (and fast's layer code's)."""
+    (and fast's layer code's). With `last_only` (the last layer on the last token alone) the last token's
+    states are ref's too, and so are the second prompt's, which read the keys and values the first left
+    in the cache."""
     n = c["num_hidden_layers"]  # a full layer early, so that a shared last (full) layer has a source
     c["layer_types"] = (["sliding_attention", "full_attention"] + ["sliding_attention"] * (n - 3) +
                         ["full_attention"])[:n]
@@ -203,6 +205,12 @@ def test_prompts_run_token_minor_and_match_ref(tmp_path_factory, monkeypatch, c,
         for g, p, w in zip(got, plain, want):
             close(g, w)
             close(g, p)
+        del calls[:]
+        last = _hidden(model, lambda *a: model.run_decoder(*a, last_only=True), chunks if cache else [T], key_ok,
+                       block, cache)
+        assert len(calls) == (len(chunks) if cache else 1), "the token-minor pass did not run"
+        for g, w in zip(last, want):
+            close(g, w[:, -1:])
 
 
 def _checkpoint(tmp_path, **overrides):
@@ -211,11 +219,21 @@ def _checkpoint(tmp_path, **overrides):
 
 
 def test_generate_after_a_token_minor_prompt_gives_refs_tokens(tmp_path, monkeypatch):
+    """generate's prompt runs the token-minor pass with the last layer on the last token alone (it asks
+    run_decoder for the last token's states only), and the tokens are ref's."""
     d = _checkpoint(tmp_path)
     calls = _count_passes(monkeypatch)
+    outputs, real = [], prefill.forward
+
+    def shapes(*args, **kwargs):
+        out = real(*args, **kwargs)
+        outputs.append(out.shape)
+        return out
+
+    monkeypatch.setattr(prefill, "forward", shapes)
     ids = (np.arange(40)[None] * 13) % 390 + 3
     got = fast.load_model(d).generate(ids, max_new_tokens=8)
-    assert calls == [(1, 40, 64)]
+    assert calls == [(1, 40, 64)] and outputs == [(1, 1, 64)]
     np.testing.assert_array_equal(got, ref.load_model(d).generate(ids, max_new_tokens=8))
 
 
