@@ -94,24 +94,42 @@ def decoder_weight_counts(hf: dict) -> tuple[int, int]:
     return sum(int(np.prod(s)) for s in shapes.values()), int(np.prod(shapes[HEAD]))
 
 
-def attention_flops(hf: dict, tokens: int) -> int:
+# The last layer's query side: a prefill for generation needs its output at the last token only (the one
+# logit row it samples from), so it runs on that token alone, while the layer's K and V (for the cache)
+# and every earlier layer (whose outputs feed the next layer's K and V) run on every token.
+QUERY_SIDE = ("self_attn.q_proj.", "self_attn.o_proj.", "mlp.")
+
+
+def prefill_rows(name: str, hf: dict, tokens: int, last_only: bool = True) -> int:
+    """Tokens that a `tokens`-token prefill for generation must run decoder matrix `name` on: every one,
+    but the head and (`last_only`) the last layer's query side (QUERY_SIDE) the last alone. This is the
+    work counted, for every backend: fast's prompt pass skips the rest (`fast.prefill.forward`,
+    last_only); HF computes it, and is not credited for it."""
+    last = f"language_model.layers.{from_hf_dict(hf).num_layers - 1}."
+    narrow = last_only and last in name and any(q in name for q in QUERY_SIDE)
+    return 1 if name == HEAD or narrow else tokens
+
+
+def attention_flops(hf: dict, tokens: int, last_only: bool = True) -> int:
     """FLOPs a causal prefill of `tokens` text tokens spends in attention's two matrix products (scores
     q.k and the weighted sum of values, 2 x head_dim multiply-adds per visible query-key pair and query
-    head), counting only the pairs the mask lets a query see: up to `window` keys on sliding layers."""
+    head), counting only the pairs the mask lets a query see (up to `window` keys on sliding layers), and in
+    the last layer (`last_only`) only the last token's query (`prefill_rows`)."""
     cfg = from_hf_dict(hf)
     total = 0
-    for spec in cfg.layers:
-        seen = tokens * (tokens + 1) // 2 if spec.kind != SLIDING else \
-            sum(min(t + 1, cfg.window) for t in range(tokens))
+    for i, spec in enumerate(cfg.layers):
+        queries = range(tokens - 1, tokens) if last_only and i == cfg.num_layers - 1 else range(tokens)
+        seen = sum(t + 1 if spec.kind != SLIDING else min(t + 1, cfg.window) for t in queries)
         total += 2 * 2 * spec.head_dim * cfg.num_attention_heads * seen
     return total
 
 
-def prefill_flops(hf: dict, tokens: int) -> int:
-    """FLOPs of a `tokens`-token prefill: every decoder matrix on every token, the output head on the last
-    position only, attention's products over the visible pairs (`attention_flops`)."""
-    weights, head = decoder_weight_counts(hf)
-    return 2 * (weights - head) * tokens + 2 * head + attention_flops(hf, tokens)
+def prefill_flops(hf: dict, tokens: int, last_only: bool = True) -> int:
+    """FLOPs of a `tokens`-token prefill for generation: each decoder matrix on the tokens it must see
+    (`prefill_rows`: every one, the head and, with `last_only`, the last layer's query side the last alone)
+    and attention's products over the visible pairs (`attention_flops`)."""
+    return sum(2 * int(np.prod(shape)) * prefill_rows(name, hf, tokens, last_only)
+               for name, shape in decode_weight_shapes(hf).items()) + attention_flops(hf, tokens, last_only)
 
 
 # ---- machine limits -----------------------------------------------------------------------------
@@ -125,23 +143,25 @@ def sgemm_peak(n: int = 2048, repeats: int = 3) -> float:
 
 
 def gemm_bound(hf: dict, tokens: int, repeats: int = 3) -> float:
-    """Seconds numpy's BLAS needs for the prefill's own GEMMs (every decoder matrix [Out, In] on [tokens,
-    In], weights already float32), each the faster of its two layouts, x @ w^T and the token-minor w @ x^T
-    that fast.cpu.matmul_t uses: the limit a float32 prefill can reach at these shapes, which are smaller
-    than the square sgemm above and run below its peak."""
+    """Seconds numpy's BLAS needs for the prefill's own GEMMs (every decoder matrix [Out, In] on the
+    [rows, In] that `prefill_rows` gives it, weights already float32), each the faster of its two layouts,
+    x @ w^T and the token-minor w @ x^T that fast.cpu.matmul_t uses: the limit a float32 prefill can reach
+    at these shapes, which are smaller than the square sgemm above and run below its peak."""
     shapes = expected_shapes(from_hf_dict(hf))
     rng = np.random.default_rng(0)
     per_shape, total = {}, 0.0
     for name, shape in shapes.items():
         if "language_model.layers" not in name or len(shape) != 2:
             continue
-        if shape not in per_shape:
+        rows = prefill_rows(name, hf, tokens)
+        if (shape, rows) not in per_shape:
             w = rng.random(shape, dtype=np.float32)
-            x = rng.random((tokens, shape[1]), dtype=np.float32)
+            x = rng.random((rows, shape[1]), dtype=np.float32)
             xT = np.ascontiguousarray(x.T)
             x @ w.T, w @ xT
-            per_shape[shape] = min(min(_timed(lambda: x @ w.T), _timed(lambda: w @ xT)) for _ in range(repeats))
-        total += per_shape[shape]
+            per_shape[shape, rows] = min(min(_timed(lambda: x @ w.T), _timed(lambda: w @ xT))
+                                         for _ in range(repeats))
+        total += per_shape[shape, rows]
     return total
 
 
@@ -428,8 +448,10 @@ def main(argv=None) -> int:
               f"{r['prefill_of_gemm']:8.0%} {r['decode_ms']:13.1f} {rd:>9} {r['decode_of_bw']:6.0%} "
               f"{r['peak_gflops']:6.0f} {r['read_gbs']:5.1f} {r['own_read_gbs']:5.1f}")
     print("x best HF: speed relative to the fastest HF mode in this run (>1 is faster); of peak: prefill FLOP/s "
-          "(decoder matrices, the head on one position, attention over the visible pairs) over the 2048^3 "
-          "sgemm peak; of GEMMs: the float32 BLAS time of the prefill's own GEMMs over the prefill time; "
+          "(the work a prefill for generation needs: decoder matrices and attention over the visible pairs, "
+          "the head and the last layer's query side, which only the last token's logits read, on that token "
+          "alone) over the 2048^3 sgemm peak; of GEMMs: the float32 BLAS time of those GEMMs over the prefill "
+          "time; "
           "of bw: weight bytes per token over the read bandwidth; peak (GFLOP/s), bw (GB/s): the limits read "
           "right before and after that row's timed calls, the better of each, bw the best of 1 GB probes "
           "and a read of the backend's own weight buffers (own, GB/s), which a host may place in faster or "

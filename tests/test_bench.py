@@ -154,15 +154,42 @@ def test_profile_timers_count_a_function_without_the_timed_functions_it_calls():
     assert timers.calls == {"outer": 1, "inner": 1}
 
 
-def test_attention_flops_count_only_visible_pairs():
-    """Derived by hand: 4 tokens, window 3. A full layer sees 1+2+3+4 = 10 pairs, a sliding one
-    1+2+3+3 = 9; each pair costs 2 products x 2 FLOPs x head_dim per query head."""
-    from fast.bench import attention_flops
+def _two_layer_config():
     from ref.config import tiny_hf_dict
 
-    hf = tiny_hf_dict(num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
-                      global_head_dim=16, sliding_window=3, layer_types=["sliding_attention", "full_attention"])
-    assert attention_flops(hf, 4) == 2 * 2 * 8 * 2 * 9 + 2 * 2 * 16 * 2 * 10
+    return tiny_hf_dict(num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                        global_head_dim=16, sliding_window=3, layer_types=["sliding_attention", "full_attention"])
+
+
+def test_attention_flops_count_only_visible_pairs():
+    """Derived by hand: 4 tokens, window 3. The sliding first layer sees 1+2+3+3 = 9 pairs; the full last
+    layer, whose query side a prefill for generation runs on the last token alone, 4 (that token's keys);
+    each pair costs 2 products x 2 FLOPs x head_dim per query head."""
+    from fast.bench import attention_flops
+
+    assert attention_flops(_two_layer_config(), 4) == 2 * 2 * 8 * 2 * 9 + 2 * 2 * 16 * 2 * 4
+
+
+def test_prefill_flops_run_the_last_layers_query_side_on_one_token():
+    """Derived by hand from the tiny config's sizes (hidden 64, MLP 96, vocabulary 512, 2 query heads on 1
+    kv head; the full layer's heads 16 wide and k_eq_v, so no v_proj), 4 tokens:
+    layer 0, every matrix on 4 tokens: q 16x64 + o 64x16 + k 8x64 + v 8x64 + gate, up, down 3 x 96x64
+    = 1024 + 1024 + 512 + 512 + 18432 = 21504 weights;
+    layer 1, k 16x64 = 1024 on 4 tokens, q 32x64 + o 64x32 + the MLP = 2048 + 2048 + 18432 = 22528 on one;
+    the head 512x64 = 32768 on one; 2 FLOPs a weight and token; attention as the test above."""
+    from fast.bench import attention_flops, prefill_flops, prefill_rows
+
+    hf = _two_layer_config()
+    want = 2 * (21504 * 4 + 1024 * 4 + 22528 + 32768) + 2 * 2 * 8 * 2 * 9 + 2 * 2 * 16 * 2 * 4
+    assert prefill_flops(hf, 4) == want == 291904
+    assert attention_flops(hf, 4) == 1088
+    layer = "model.language_model.layers.{}.{}.weight"
+    assert [prefill_rows(layer.format(i, n), hf, 4) for i in (0, 1) for n in ("self_attn.q_proj", "self_attn.k_proj",
+            "self_attn.o_proj", "mlp.down_proj")] == [4, 4, 4, 4, 1, 4, 1, 1]
+    # every layer whole (what tools/estimate_12b.py times): layer 1's 22528 on 4 tokens, 4 + 3 + 2 + 1 = 10
+    # pairs in its attention
+    assert prefill_flops(hf, 4, last_only=False) == \
+        2 * (21504 * 4 + 1024 * 4 + 22528 * 4 + 32768) + 2 * 2 * 8 * 2 * 9 + 2 * 2 * 16 * 2 * 10
 
 
 @pytest.mark.parametrize("rows", [1, 15, 16, 17, 1000])

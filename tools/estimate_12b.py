@@ -105,7 +105,7 @@ def main(argv=None) -> int:
             from fast.bench import cpu_limits, decoder_weight_counts, own_weight_buffers, prefill_flops
 
             weights, _ = decoder_weight_counts(gemma4_12b_hf_dict())
-            flops = prefill_flops(gemma4_12b_hf_dict(), args.prompt)
+            flops = prefill_flops(gemma4_12b_hf_dict(), args.prompt, last_only=False)  # as timed: every layer whole
             print(f"the real model: {flops / 1e12:.2f} TFLOP for this prefill (attention counted as causal), "
                   f"{2 * weights / 1e9:.1f} GB of bf16 weights read per decoded token; the limits are read right "
                   f"before and after each phase (prefill, decode steps), the better of each")
