@@ -4,15 +4,18 @@ A decode step is 1 token through every layer: per layer about 20 kernel calls an
 of ref's layer code, each costing a few microseconds of Python and dispatch. On the bench model that was
 ~0.6-0.9 ms of an 8 ms token, time in which memory sits idle. Here one compiled function runs ref.decoder's
 steps 1-5 for every layer by calling fast.cpu's kernels in ref's order, so the result is the unfused path's
-bit for bit (tested): the same kernels on the same arrays. The cache's side (each layer's slot for the
-token, and which held keys it may see: fast.maskrule's pair rule, which mirrors ref's layer_mask and which
-the GPU kernels use too) is a second compiled call; RoPE tables come from ref's rope_cos_sin, filled ahead
-for 64 positions at a time. Anything else (batches, prompts, float32/float16 weights, attention biases,
-traces) takes ref's layer code with fast's kernels, as before.
+bit for bit (tested): the same kernels on the same arrays. Its threads run the whole step as one team,
+meeting at a spin barrier between stages (fast/team.py) rather than starting a parallel loop per stage:
+right after a stage has streamed megabytes of weights through the caches, a loop's start and join cost
+~10 us, ~40 times a token. The cache's side (each layer's slot for the token, and which held keys it may
+see: fast.maskrule's pair rule, which mirrors ref's layer_mask and which the GPU kernels use too) is a
+second compiled call; RoPE tables come from ref's rope_cos_sin, filled ahead for 64 positions at a time.
+Anything else (batches, prompts, float32/float16 weights, attention biases, traces) takes ref's layer code
+with fast's kernels, as before.
 
-Numba's on-disk cache checks only this file's date: after editing fast/cpu.py or fast/maskrule.py, delete
-fast/__pycache__/step.*.nb[ic], or this file's functions keep the code they were compiled with (the tests,
-which compare the step with the layer code bit for bit, would show it).
+Numba's on-disk cache checks only this file's date: after editing fast/cpu.py, fast/maskrule.py or
+fast/team.py, delete fast/__pycache__/step.*.nb[ic], or this file's functions keep the code they were
+compiled with (the tests, which compare the step with the layer code bit for bit, would show it).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from numba.typed import List
 from ref.layers import rope_cos_sin, rope_inv_freq
 from ref.safetensors_io import Bf16, to_f32
 
-from . import cpu, maskrule
+from . import cpu, maskrule, team
 
 # Columns of the per-layer table (int64 [L, 10]).
 KIND, ROPE, DH, H, K, MODE, SRC, N, SLOT, INTER = range(10)
@@ -60,8 +63,9 @@ def _key_chunk(hq, dh, n, threads):
 
 
 # Numba segfaults when a cached function calls a parallel one and is later loaded from its cache
-# (numba issue #8578), so the step's parallel loops are prange loops of its own, over fast.cpu's
-# per-program kernels; `parallel` is limited to them (no implicit parallel array expressions).
+# (numba issue #8578), so the step's parallel loop is a prange loop of its own (over the team's members),
+# which call fast.cpu's per-program kernels; `parallel` is limited to it (no implicit parallel array
+# expressions).
 PRANGE_ONLY = {"prange": True, "comprehension": False, "reduction": False, "inplace_binop": False,
                "setitem": False, "numpy": False, "stencil": False, "fusion": False}
 
@@ -69,14 +73,71 @@ PRANGE_ONLY = {"prange": True, "comprehension": False, "reduction": False, "inpl
 @nb.njit(parallel=PRANGE_ONLY, cache=True)
 def _layers(x, table, mats, norms, scalars, keys, values, masks, cos, sin, eps, threads, final_norm, out):
     """x [1, D] float32 <- every layer's output for one token (ref.decoder steps 1-5 per layer); out [1, D]
-    <- x after the final norm (weight final_norm [D]).
+    <- x after the final norm (weight final_norm [D]) -> int64 [threads]: each member's role (fast.team).
     table [L, 10] (columns KIND..INTER), mats: 7 bf16 matrices per layer (Q..DOWN, see `_matrices`),
     norms: 7 float32 norm weights per layer (IN_LN..POST_FF; V_NORM is ones: v's norm has no scale), scalars
     [L] layer_scalar, keys/values: one [cap, K, Dh] cache per layer that has its own K/V (row SRC of the
     table), masks [kinds, cap] bool, cos/sin [ropes, max Dh] for this token's position, threads: the
     thread count (nb.get_num_threads(), passed in: calling it here would keep Numba from caching this).
-    Every GEMV takes three matrices and runs over the first `count` of them, so one loop serves all."""
-    D = x.shape[1]
+    The threads run the whole step as one team (`_member`), meeting at fast.team's barrier between stages;
+    here only the buffers they share are made, sized for the largest layer."""
+    P = A = 0  # q/k/v outputs; attention programs x heads
+    M = 1
+    for i in range(table.shape[0]):
+        t = table[i]
+        C = -(-t[N] // _key_chunk(t[H], t[DH], t[N], threads))
+        P = max(P, (t[H] + 2 * t[K]) * t[DH])
+        A = max(A, C * t[H])
+        M = max(M, C * t[H] * t[DH], 2 * t[INTER])
+    proj, part_m, part_l, big = np.empty(P, np.float32), np.empty(A, np.float32), np.empty(A, np.float32), \
+        np.empty(M, np.float32)
+    o, d = np.empty((1, x.shape[1]), np.float32), np.empty((1, x.shape[1]), np.float32)
+    counter, roles = np.zeros(1, np.int64), np.zeros(threads, np.int64)
+    claims = np.zeros(CLAIM_STRIDE * 4 * table.shape[0], np.int64)  # a counter per GEMV stage, a line apart
+    for tid in nb.prange(threads):
+        role = team.meet(counter, threads, team.PATIENCE)
+        roles[tid] = role
+        if role != team.OUT:  # a solo member works as member 0 of 1
+            solo = role == team.SOLO
+            me, members = np.int64(0 if solo else tid), np.int64(1 if solo else threads)
+            _member(me, members, counter, claims, x, table, mats, norms, scalars, keys, values, masks, cos, sin,
+                    eps, threads, final_norm, out, proj, part_m, part_l, big, o, d)
+    return roles
+
+
+CLAIM_STRIDE = 8  # int64s between two stages' claim counters: one 64-byte line each
+
+
+@nb.njit(cache=True)
+def _programs(x, pairs, ws, first, col, n, out, tid, members, claims, stage):
+    """Member tid's programs 0..n-1 of a GEMV stage (cpu._gemv_program; first, col, pairs from
+    cpu._gemv_layout):
+    a fixed share of the first 7/8, then the rest one at a time from the stage's claim counter, so that a
+    member the host slows down does not keep the other waiting at the barrier."""
+    fixed = n - n // 8
+    lo, hi = team.share(fixed, tid, members)
+    for pid in range(lo, hi):
+        cpu._gemv_program(x, pairs, ws, first, col, pid, out)
+    pid = fixed + team.fetch_add(claims, CLAIM_STRIDE * stage, 1)
+    while pid < n:
+        cpu._gemv_program(x, pairs, ws, first, col, pid, out)
+        pid = fixed + team.fetch_add(claims, CLAIM_STRIDE * stage, 1)
+
+
+@nb.njit(cache=True)
+def _member(tid, members, counter, claims, x0, table, mats, norms, scalars, keys, values, masks, cos, sin, eps,
+            threads, final_norm, out, proj_buf, m_buf, l_buf, big, o, d):
+    """Member tid of `members` runs the step: its share of each stage's programs (GEMV rows: `_programs`;
+    attention's key chunks: fast.team.share) into the shared buffers, a barrier (fast.team.wait), then the
+    small steps between (norms, RoPE, the chunks' merge, GELU) on its own copy of the residual stream, as
+    every member does, so the members agree bit for bit without another barrier. Member 0 writes the
+    cache's new key row, the last member its value row (then a barrier), member 0 `out` and x0 [1, D] at
+    the end; claims: `_programs`' counters. proj_buf, m_buf, l_buf, big: flat float32 buffers that each stage
+    views in its shape (q/k/v; the chunks' max and sum; their values, then gate/up), o, d [1, D]: the o
+    and down projections. The numbers are the per-stage loops' (the kernels and their split into programs
+    are the same; `threads` sets attention's chunks whatever the team's size)."""
+    x = x0.copy()
+    gen = 1  # the barriers passed so far (fast.team.meet was the first)
     for i in range(table.shape[0]):
         t = table[i]
         dh, hq, kv, mode, src, n = t[DH], t[H], t[K], t[MODE], t[SRC], t[N]
@@ -86,53 +147,59 @@ def _layers(x, table, mats, norms, scalars, keys, values, masks, cos, sin, eps, 
         ws = (mats[w + Q], mats[w + KP], mats[w + VP])  # 2
         count = 1 if mode == SHARED else 2 if mode == K_EQ_V else 3
         first, col, pairs = cpu._gemv_layout(h, ws, count)
-        proj = np.empty((1, col[count]), np.float32)
-        for pid in nb.prange(first[count]):
-            cpu._gemv_program(h, pairs, ws, first, col, pid, proj)
+        proj = proj_buf[:col[count]].reshape(1, col[count])
+        _programs(h, pairs, ws, first, col, first[count], proj, tid, members, claims, 4 * i)
+        gen = team.wait(counter, members, gen)
         c, s = cos[t[ROPE]:t[ROPE] + 1, :dh], sin[t[ROPE]:t[ROPE] + 1, :dh]
         q = np.empty((1, 1, hq, dh), np.float32)
         cpu._rope(_norm(proj[:, :nq].copy().reshape(hq, dh), norms[7 * i + Q_NORM], eps).reshape(1, hq, dh),
                   c, s, q[0])
         if mode != SHARED:  # k_eq_v: v is k's projection, taken before k_norm and RoPE
             kraw = proj[:, nq:nq + nk].copy().reshape(kv, dh)
-            vraw = kraw if mode == K_EQ_V else proj[:, nq + nk:].copy().reshape(kv, dh)
             slot = t[SLOT]
-            cpu._rope(_norm(kraw, norms[7 * i + K_NORM], eps).reshape(1, kv, dh), c, s, keys[src][slot:slot + 1])
-            values[src][slot] = _norm(vraw, norms[7 * i + V_NORM], eps)
+            if tid == 0:
+                cpu._rope(_norm(kraw, norms[7 * i + K_NORM], eps).reshape(1, kv, dh), c, s,
+                          keys[src][slot:slot + 1])
+            if tid == members - 1:
+                vraw = kraw if mode == K_EQ_V else proj[:, nq + nk:].copy().reshape(kv, dh)
+                values[src][slot] = _norm(vraw, norms[7 * i + V_NORM], eps)
+            gen = team.wait(counter, members, gen)
         chunk = _key_chunk(hq, dh, n, threads)  # attention over the first n slots, split by keys
         C = -(-n // chunk)
-        part_m, part_l = np.empty((1, C, 1, hq), np.float32), np.empty((1, C, 1, hq), np.float32)
-        part_acc = np.empty((1, C, 1, hq, dh), np.float32)
+        part_m, part_l = m_buf[:C * hq].reshape(1, C, 1, hq), l_buf[:C * hq].reshape(1, C, 1, hq)
+        part_acc = big[:C * hq * dh].reshape(1, C, 1, hq, dh)
         k4, v4 = keys[src][:n].reshape(1, n, kv, dh), values[src][:n].reshape(1, n, kv, dh)
         m3 = masks[t[KIND]][:n].reshape(1, 1, n)
-        for pid in nb.prange(C):
+        lo, hi = team.share(C, tid, members)
+        for pid in range(lo, hi):
             cpu._decode_program(q, k4, v4, m3, chunk, part_m, part_l, part_acc, pid)
+        gen = team.wait(counter, members, gen)
         a = np.empty((1, 1, hq, dh), np.float32)
         cpu._combine(v4, part_m, part_l, part_acc, a)
         ws = (mats[w + O], mats[w + O], mats[w + O])
         a2 = a.reshape(1, nq)
         first, col, pairs = cpu._gemv_layout(a2, ws, 1)
-        o = np.empty((1, D), np.float32)
-        for pid in nb.prange(first[1]):
-            cpu._gemv_program(a2, pairs, ws, first, col, pid, o)
+        _programs(a2, pairs, ws, first, col, first[1], o, tid, members, claims, 4 * i + 1)
+        gen = team.wait(counter, members, gen)
         _add(x, _norm(o, norms[7 * i + POST_ATTN], eps))  # 3
         h = _norm(x, norms[7 * i + PRE_FF], eps)  # 4
         inter = t[INTER]
         ws = (mats[w + GATE], mats[w + UP], mats[w + UP])
         first, col, pairs = cpu._gemv_layout(h, ws, 2)
-        gu = np.empty((1, 2 * inter), np.float32)
-        for pid in nb.prange(first[2]):
-            cpu._gemv_program(h, pairs, ws, first, col, pid, gu)
+        gu = big[:2 * inter].reshape(1, 2 * inter)  # the chunks' values are merged by now (a barrier since)
+        _programs(h, pairs, ws, first, col, first[2], gu, tid, members, claims, 4 * i + 2)
+        gen = team.wait(counter, members, gen)
         g, u = gu[:, :inter].copy(), gu[:, inter:].copy()
         cpu._gelu_mul(g, u)
         ws = (mats[w + DOWN], mats[w + DOWN], mats[w + DOWN])
         first, col, pairs = cpu._gemv_layout(g, ws, 1)
-        d = np.empty((1, D), np.float32)
-        for pid in nb.prange(first[1]):
-            cpu._gemv_program(g, pairs, ws, first, col, pid, d)
+        _programs(g, pairs, ws, first, col, first[1], d, tid, members, claims, 4 * i + 3)
+        gen = team.wait(counter, members, gen)
         _add(x, _norm(d, norms[7 * i + POST_FF], eps))
         x *= scalars[i]  # 5
-    cpu._rms_norm(x, final_norm, eps, out)
+    if tid == 0:
+        cpu._rms_norm(x, final_norm, eps, out)
+        x0[:] = x
 
 
 @nb.njit(cache=True)
@@ -300,5 +367,5 @@ def compile_step() -> None:
                  np.zeros(1, np.int64), 2, np.ones((1, 2), np.bool_), np.full((1, 2), -1, np.int64))
     _layers(np.ones((1, 4), np.float32), table, List([w] * 7), List([np.ones(4, np.float32)] * 7),
             np.ones(1, np.float32), List([kv]), List([kv.copy()]), np.ones((1, 2), bool),
-            np.ones((1, 4), np.float32), np.zeros((1, 4), np.float32), np.float32(1e-6), 2,
+            np.ones((1, 4), np.float32), np.zeros((1, 4), np.float32), np.float32(1e-6), nb.get_num_threads(),
             np.ones(4, np.float32), np.empty((1, 4), np.float32))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 
+import numba as nb
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 
 import fast
 import ref
-from fast import step
+from fast import step, team
 from ref.config import tiny_hf_dict
 from ref.layers import rope_cos_sin
 from ref.model import Model
@@ -147,3 +148,36 @@ def test_compiled_step_splits_long_attention_like_the_layer_code(tmp_path, monke
     assert len(calls) == len(new_ids)
     for s, (f, p) in enumerate(zip(fused, plain)):
         assert np.array_equal(f, p), f"step {s}: compiled and layer code differ by {np.abs(f - p).max()}"
+
+
+@pytest.mark.skipif(nb.config.NUMBA_NUM_THREADS < 2, reason="one CPU: the step's team has one member")
+def test_a_team_that_cannot_meet_runs_the_step_alone_with_the_same_numbers(tmp_path, monkeypatch):
+    """The step's threads run it as one team (fast.team). Where its two iterations run one after another
+    on one thread (as a task-based threading layer may run them), the first member meets nobody, does the
+    whole step alone and the second does nothing: the output and the cache's new row are the team's bit for
+    bit."""
+    model = fast.load_model(_checkpoint(tmp_path))
+    model.token_minor = False
+    calls, real = [], step._layers
+
+    def keep(*args):
+        calls.append((args[0].copy(),) + args[1:])  # x as it came in (the step overwrites it)
+        return real(*args)
+
+    monkeypatch.setattr(step, "_layers", keep)
+    model.generate(np.arange(3, 40)[None], max_new_tokens=3)
+    x, table, mats, norms, scalars, keys, values, masks, cos, sin, eps, _, final_norm, out = calls[-1]
+    results = []
+    for threads_running in (2, 1):
+        nb.set_num_threads(threads_running)
+        try:
+            h, o = x.copy(), np.empty_like(out)
+            roles = real(h, table, mats, norms, scalars, keys, values, masks, cos, sin, eps, 2, final_norm, o)
+        finally:
+            nb.set_num_threads(nb.config.NUMBA_NUM_THREADS)
+        results.append((roles.tolist(), h, o, [k.copy() for k in keys], [v.copy() for v in values]))
+    (together_roles, *together), (alone_roles, *alone) = results
+    assert together_roles == [team.TEAM] * 2 and alone_roles == [team.SOLO, team.OUT]
+    for a, b in zip(together, alone):
+        for u, v in zip(a if isinstance(a, list) else [a], b if isinstance(b, list) else [b]):
+            assert u.tobytes() == v.tobytes()

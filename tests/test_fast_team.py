@@ -1,0 +1,102 @@
+"""fast/team.py: the decoding step's threads meet once per token and then wait for each other at a spin
+barrier; a member that meets nobody (the iterations ran one after another) does the whole step alone."""
+
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+import pytest
+
+from fast import team
+from fast.step import PRANGE_ONLY
+
+
+@nb.njit(cache=False)
+def _spin(loads):
+    """Keep this thread busy for `loads` loads of a counter (a delay without sleeping)."""
+    c = np.zeros(1, np.int64)
+    total = 0
+    for _ in range(loads):
+        total += team.load(c, 0)
+    return total
+
+
+@nb.njit(parallel=PRANGE_ONLY, cache=False)
+def _phases(members, phases, delay, use_barrier):
+    """Every member writes its cell of a phase, waits (or not), then reads the whole phase's row: seen
+    [members, phases] <- the sum of the row as each member read it. The last member starts each phase late
+    (`delay` loads), so a member that does not wait reads a row without its cell."""
+    counter = np.zeros(1, np.int64)
+    cells = np.zeros((phases, members), np.int64)
+    seen = np.zeros((members, phases), np.int64)
+    roles = np.zeros(members, np.int64)
+    for tid in nb.prange(members):
+        roles[tid] = team.meet(counter, members, team.PATIENCE)
+        gen = 1
+        for p in range(phases):
+            if tid == members - 1:
+                _spin(delay)
+            cells[p, tid] = p * 100 + tid + 1
+            if use_barrier:
+                gen = team.wait(counter, members, gen)
+            seen[tid, p] = cells[p].sum()
+            if use_barrier:
+                gen = team.wait(counter, members, gen)  # nobody writes the next phase before all have read
+    return seen, roles
+
+
+def _want(members, phases):
+    return np.array([[sum(p * 100 + t + 1 for t in range(members)) for p in range(phases)]] * members)
+
+
+@pytest.mark.skipif(nb.config.NUMBA_NUM_THREADS < 2, reason="one CPU: no second thread to wait for")
+def test_barrier_makes_every_write_of_a_phase_visible_to_every_member():
+    seen, roles = _phases(2, 6, 200_000, True)
+    assert (roles == team.TEAM).all()
+    np.testing.assert_array_equal(seen, _want(2, 6))
+    seen, _ = _phases(2, 6, 200_000, False)  # the check can fail: without the barrier the late cell is missed
+    assert not np.array_equal(seen, _want(2, 6))
+
+
+@nb.njit(cache=False)
+def _one_after_another(members, patience):
+    """The members of one meeting run in turn on this thread, as a task-based threading layer may run a
+    loop's iterations -> each one's role."""
+    counter = np.zeros(1, np.int64)
+    roles = np.zeros(members, np.int64)
+    for tid in range(members):
+        roles[tid] = team.meet(counter, members, patience)
+    return roles, counter[0]
+
+
+@pytest.mark.parametrize("members", [2, 3])
+def test_a_member_that_meets_nobody_goes_solo_and_the_late_ones_stay_out(members):
+    roles, counter = _one_after_another(members, 1000)
+    assert roles.tolist() == [team.SOLO] + [team.OUT] * (members - 1)
+    assert counter >= team.LONE  # so the solo member's barriers let it through at once
+    assert team.wait(np.array([counter]), 1, 5) == 6
+
+
+def test_a_member_alone_is_a_team_of_one():
+    roles, counter = _one_after_another(1, 1000)
+    assert roles.tolist() == [team.TEAM] and counter == 1
+
+
+@pytest.mark.parametrize("n,members", [(0, 2), (1, 2), (7, 2), (64, 2), (10, 3), (5, 1)])
+def test_shares_cover_every_program_once_in_order(n, members):
+    parts = [team.share(n, tid, members) for tid in range(members)]
+    assert parts[0][0] == 0 and parts[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+    assert max(hi - lo for lo, hi in parts) - min(hi - lo for lo, hi in parts) <= 1
+
+
+@nb.njit(cache=False)
+def _atomics(a):
+    return (team.fetch_add(a, 1, 3), a[1], team.compare_exchange(a, 0, 4, 7), a[0],
+            team.compare_exchange(a, 0, 5, 7), team.load(a, 0))
+
+
+def test_atomics_return_the_value_before():
+    a = np.array([5, 9], np.int64)
+    # fetch_add: 9 before, 12 after; 5 != 4: not swapped; 5 == 5: swapped to 7
+    assert _atomics(a) == (9, 12, 5, 5, 5, 7)
