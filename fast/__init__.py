@@ -33,7 +33,7 @@ class CpuModel(Model):
 
         super().__init__(*args, **kwargs)
         self._cpu = cpu
-        self.kernels = cpu.KERNELS
+        self.kernels = dataclasses.replace(cpu.KERNELS, lm_head=self._lm_head)
         self._cache_type = cpu.RingKVCache
         self._step = None  # fast.step.DecodeStep, built at the first cached step
         self.whole_step = True  # False: decoding steps run ref's layer code with fast's kernels, call by call
@@ -55,10 +55,15 @@ class CpuModel(Model):
             if self._step is None:
                 from .step import DecodeStep
 
-                self._step = DecodeStep(self.config, self.decoder_params)
+                self._step = DecodeStep(self.config, self.decoder_params, self.head)
             if self._step.usable(x, cache):
                 return self._step(x, positions, key_ok, block, cache)
         return super().run_decoder(x, positions, key_ok, block, cache, trace, last_only)
+
+    def _lm_head(self, h, table, cap):
+        """fast.cpu's lm_head, except for the output of a compiled step, which computed its logits."""
+        logits = None if self._step is None else self._step.logits_for(h, table, cap)
+        return self._cpu.lm_head(h, table, cap) if logits is None else logits
 
     def compile(self) -> float:
         """Compile (or load from Numba's cache) every kernel now -> seconds it took."""

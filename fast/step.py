@@ -71,9 +71,12 @@ PRANGE_ONLY = {"prange": True, "comprehension": False, "reduction": False, "inpl
 
 
 @nb.njit(parallel=PRANGE_ONLY, cache=True)
-def _layers(x, table, mats, norms, scalars, keys, values, masks, cos, sin, eps, threads, final_norm, out):
+def _layers(x, table, mats, norms, scalars, keys, values, masks, cos, sin, eps, threads, final_norm, out, head, cap,
+            logits):
     """x [1, D] float32 <- every layer's output for one token (ref.decoder steps 1-5 per layer); out [1, D]
-    <- x after the final norm (weight final_norm [D]) -> int64 [threads]: each member's role (fast.team).
+    <- x after the final norm (weight final_norm [D]); logits [1, V] <- out @ head^T soft-capped at cap (0:
+    not capped), as cpu.lm_head, where V > 0 (head [V, D] bf16 bits) -> int64 [threads]: each member's role
+    (fast.team).
     table [L, 10] (columns KIND..INTER), mats: 7 bf16 matrices per layer (Q..DOWN, see `_matrices`),
     norms: 7 float32 norm weights per layer (IN_LN..POST_FF; V_NORM is ones: v's norm has no scale), scalars
     [L] layer_scalar, keys/values: one [cap, K, Dh] cache per layer that has its own K/V (row SRC of the
@@ -93,7 +96,7 @@ def _layers(x, table, mats, norms, scalars, keys, values, masks, cos, sin, eps, 
         np.empty(M, np.float32)
     o, d = np.empty((1, x.shape[1]), np.float32), np.empty((1, x.shape[1]), np.float32)
     counter, roles = np.zeros(1, np.int64), np.zeros(threads, np.int64)
-    claims = np.zeros(CLAIM_STRIDE * 4 * table.shape[0], np.int64)  # a counter per GEMV stage, a line apart
+    claims = np.zeros(CLAIM_STRIDE * (4 * table.shape[0] + 1), np.int64)  # one per GEMV stage, a line apart
     for tid in nb.prange(threads):
         role = team.meet(counter, threads, team.PATIENCE)
         roles[tid] = role
@@ -101,7 +104,7 @@ def _layers(x, table, mats, norms, scalars, keys, values, masks, cos, sin, eps, 
             solo = role == team.SOLO
             me, members = np.int64(0 if solo else tid), np.int64(1 if solo else threads)
             _member(me, members, counter, claims, x, table, mats, norms, scalars, keys, values, masks, cos, sin,
-                    eps, threads, final_norm, out, proj, part_m, part_l, big, o, d)
+                    eps, threads, final_norm, out, head, cap, logits, proj, part_m, part_l, big, o, d)
     return roles
 
 
@@ -126,13 +129,14 @@ def _programs(x, pairs, ws, first, col, n, out, tid, members, claims, stage):
 
 @nb.njit(cache=True)
 def _member(tid, members, counter, claims, x0, table, mats, norms, scalars, keys, values, masks, cos, sin, eps,
-            threads, final_norm, out, proj_buf, m_buf, l_buf, big, o, d):
+            threads, final_norm, out, head, cap, logits, proj_buf, m_buf, l_buf, big, o, d):
     """Member tid of `members` runs the step: its share of each stage's programs (GEMV rows: `_programs`;
     attention's key chunks: fast.team.share) into the shared buffers, a barrier (fast.team.wait), then the
     small steps between (norms, RoPE, the chunks' merge, GELU) on its own copy of the residual stream, as
     every member does, so the members agree bit for bit without another barrier. Member 0 writes the
     cache's new key row, the last member its value row (then a barrier), member 0 `out` and x0 [1, D] at
-    the end; claims: `_programs`' counters. proj_buf, m_buf, l_buf, big: flat float32 buffers that each stage
+    the end; then the head's rows and each member soft-caps its share of them. claims: `_programs`'
+    counters. proj_buf, m_buf, l_buf, big: flat float32 buffers that each stage
     views in its shape (q/k/v; the chunks' max and sum; their values, then gate/up), o, d [1, D]: the o
     and down projections. The numbers are the per-stage loops' (the kernels and their split into programs
     are the same; `threads` sets attention's chunks whatever the team's size)."""
@@ -197,9 +201,19 @@ def _member(tid, members, counter, claims, x0, table, mats, norms, scalars, keys
         gen = team.wait(counter, members, gen)
         _add(x, _norm(d, norms[7 * i + POST_FF], eps))
         x *= scalars[i]  # 5
+    hn = _norm(x, final_norm, eps)
     if tid == 0:
-        cpu._rms_norm(x, final_norm, eps, out)
+        out[:] = hn
         x0[:] = x
+    V = logits.shape[1]
+    if V:
+        ws = (head, head, head)
+        first, col, pairs = cpu._gemv_layout(hn, ws, 1)
+        _programs(hn, pairs, ws, first, col, first[1], logits, tid, members, claims, 4 * table.shape[0])
+        team.wait(counter, members, gen)
+        if cap > 0:
+            lo, hi = team.share(V, tid, members)
+            cpu._softcap(logits.reshape(-1)[lo:hi], cap)
 
 
 @nb.njit(cache=True)
@@ -302,11 +316,18 @@ class StepPlan:
 class DecodeStep(StepPlan):
     """The compiled step for one model: its weights gathered into typed lists once. Call with
     (x [1, 1, D], positions [1, 1], key_ok, block [1, 1], a RingKVCache after its prefill) -> final-normed
-    hidden states [1, 1, D], as ref.decoder.decoder_forward; `usable` says whether it applies."""
+    hidden states [1, 1, D], as ref.decoder.decoder_forward; `usable` says whether it applies. Given the
+    model's output table `head` (bf16), the step computes the token's soft-capped logits too, on the same
+    team of threads, and hands them to the model's lm_head (`logits_for`)."""
 
-    def __init__(self, cfg, params):
+    def __init__(self, cfg, params, head=None):
         super().__init__(cfg)
         self._kv_lists = weakref.WeakKeyDictionary()  # cache -> its K and V arrays as typed lists (`_lists`)
+        self._last = None  # (the last call's output, its logits), until `logits_for` hands them out
+        self.head = head if isinstance(head, Bf16) else None
+        self.head_bits = cpu._read_only(head.bits if self.head is not None else
+                                        np.zeros((0, cfg.hidden_size), np.uint16))
+        self.cap = np.float32(cfg.final_logit_softcapping or 0)
         layer_mats = [_matrices(params.layers[i], mode) for i, mode in enumerate(self.modes_by_layer)]
         self.ok = (not cfg.attention_bias and all(s.head_dim % 2 == 0 for s in cfg.layers)
                    and all(isinstance(m.weight, Bf16) for ms in layer_mats for m in ms))
@@ -350,9 +371,25 @@ class DecodeStep(StepPlan):
             cpu.park_blas_threads()
         h = np.ascontiguousarray(x, np.float32).reshape(1, -1).copy()
         out = np.empty_like(h)
+        logits = np.empty((1, self.head_bits.shape[0]), np.float32)
         _layers(h, table, self.mats, self.norms, self.scalars, keys, values, masks, cos, sin,
-                np.float32(self.cfg.rms_norm_eps), nb.get_num_threads(), self.final_norm, out)
+                np.float32(self.cfg.rms_norm_eps), nb.get_num_threads(), self.final_norm, out, self.head_bits,
+                self.cap, logits)
+        self._last = (out, logits) if self.head is not None else None
         return out.reshape(1, 1, -1)
+
+    def logits_for(self, h, table, cap):
+        """The logits [1, 1, V] of the last call's token, if h [1, 1, D] is that call's output (the same
+        memory), table the head and cap the soft-capping the step ran with, and they were not handed out
+        yet; else None (the caller computes them)."""
+        if self._last is None:
+            return None
+        out, logits = self._last
+        if not (table is self.head and cap == self.cfg.final_logit_softcapping and h.shape == (1, 1, out.size)
+                and h.__array_interface__["data"][0] == out.ctypes.data):
+            return None
+        self._last = None
+        return logits.reshape(1, 1, -1)
 
 
 def compile_step() -> None:
@@ -368,4 +405,4 @@ def compile_step() -> None:
     _layers(np.ones((1, 4), np.float32), table, List([w] * 7), List([np.ones(4, np.float32)] * 7),
             np.ones(1, np.float32), List([kv]), List([kv.copy()]), np.ones((1, 2), bool),
             np.ones((1, 4), np.float32), np.zeros((1, 4), np.float32), np.float32(1e-6), nb.get_num_threads(),
-            np.ones(4, np.float32), np.empty((1, 4), np.float32))
+            np.ones(4, np.float32), np.empty((1, 4), np.float32), w, np.float32(30), np.empty((1, 4), np.float32))

@@ -33,6 +33,7 @@ configs = st.fixed_dictionaries({
     "attention_k_eq_v": st.booleans(), "num_key_value_heads": st.sampled_from([1, 2, 4]),
     "head_dim": st.sampled_from([8, 12, 16]), "use_bidirectional_attention": st.sampled_from(["vision", None]),
     "num_kv_shared_layers": st.integers(0, 2), "use_double_wide_mlp": st.booleans(),
+    "final_logit_softcapping": st.sampled_from([30.0, None]), "vocab_size": st.sampled_from([512, 600]),
 })
 
 
@@ -43,7 +44,8 @@ def test_compiled_step_equals_the_layer_code_bit_for_bit(tmp_path_factory, monke
                                                          seed):
     """Every decoding step, across the sliding ring's wrap (12 steps past windows of 2-9), with KV-shared
     and k_eq_v layers, left padding and a vision block in the prompt: the compiled step's hidden state is
-    ref's layer code's (with fast's kernels) bit for bit, and ref's own within 1e-5."""
+    ref's layer code's (with fast's kernels) bit for bit, and ref's own within 1e-5; so are the logits the
+    step computes (with and without soft-capping, a vocabulary of whole and of part GEMV programs)."""
     n = c["num_hidden_layers"]  # a full layer early, so that a shared last (full) layer has a source
     c["layer_types"] = ["sliding_attention", "full_attention"] + ["sliding_attention"] * (n - 3) + ["full_attention"]
     c["layer_types"] = c["layer_types"][:n]
@@ -61,14 +63,26 @@ def test_compiled_step_equals_the_layer_code_bit_for_bit(tmp_path_factory, monke
         block[0, pad + 1:pad + 3] = 0
     new_ids = rng.integers(3, 400, 12)
     calls = count_step_calls(monkeypatch)
-    fused = _steps(model, model.run_decoder, ids, new_ids, key_ok, block)
+    fused = cached_steps(model, model.run_decoder, ids, key_ok, block, new_ids,
+                         each=lambda h: _with_logits(model, h))[0]
     assert len(calls) == len(new_ids), "the compiled step did not run"
-    plain = _steps(model, lambda *a: Model.run_decoder(model, *a), ids, new_ids, key_ok, block)
+    plain = cached_steps(model, lambda *a: Model.run_decoder(model, *a), ids, key_ok, block, new_ids,
+                         each=lambda h: _with_logits(model, h))[0]
     assert len(calls) == len(new_ids)
     want = _steps(peer, peer.run_decoder, ids, new_ids, key_ok, block)
-    for s, (f, p, w) in enumerate(zip(fused, plain, want)):
+    assert [f[2] for f in fused] == [False] + [True] * len(new_ids) and not any(p[2] for p in plain)
+    for s, ((f, fl, _), (p, pl, _), w) in enumerate(zip(fused, plain, want)):
         assert np.array_equal(f, p), f"step {s}: compiled and layer code differ by {np.abs(f - p).max()}"
         np.testing.assert_allclose(f, w, rtol=1e-5, atol=1e-5 * np.abs(w).max())
+        assert fl.tobytes() == pl.tobytes(), f"step {s}: logits differ by {np.abs(fl - pl).max()}"
+
+
+def _with_logits(model, h) -> tuple:
+    """h [1, 1, D] -> (h, its logits through the model's lm_head, whether they were the ones the compiled
+    step computed: it had them and handed them out); taken at once, before the next step."""
+    held = model._step is not None and model._step._last is not None
+    logits = model.kernels.lm_head(h, model.head, model.config.final_logit_softcapping)
+    return h, logits, held and model._step._last is None
 
 
 def _checkpoint(tmp_path, dtype="BF16", **overrides):
@@ -154,8 +168,8 @@ def test_compiled_step_splits_long_attention_like_the_layer_code(tmp_path, monke
 def test_a_team_that_cannot_meet_runs_the_step_alone_with_the_same_numbers(tmp_path, monkeypatch):
     """The step's threads run it as one team (fast.team). Where its two iterations run one after another
     on one thread (as a task-based threading layer may run them), the first member meets nobody, does the
-    whole step alone and the second does nothing: the output and the cache's new row are the team's bit for
-    bit."""
+    whole step alone and the second does nothing: the output, the logits and the cache's new row are the
+    team's bit for bit."""
     model = fast.load_model(_checkpoint(tmp_path))
     model.token_minor = False
     calls, real = [], step._layers
@@ -166,16 +180,19 @@ def test_a_team_that_cannot_meet_runs_the_step_alone_with_the_same_numbers(tmp_p
 
     monkeypatch.setattr(step, "_layers", keep)
     model.generate(np.arange(3, 40)[None], max_new_tokens=3)
-    x, table, mats, norms, scalars, keys, values, masks, cos, sin, eps, _, final_norm, out = calls[-1]
+    x, table, mats, norms, scalars, keys, values, masks, cos, sin, eps, _, final_norm, out, head, cap, logits = \
+        calls[-1]
+    assert logits.size == model.config.vocab_size  # the head ran in the step
     results = []
     for threads_running in (2, 1):
         nb.set_num_threads(threads_running)
         try:
-            h, o = x.copy(), np.empty_like(out)
-            roles = real(h, table, mats, norms, scalars, keys, values, masks, cos, sin, eps, 2, final_norm, o)
+            h, o, lg = x.copy(), np.empty_like(out), np.empty_like(logits)
+            roles = real(h, table, mats, norms, scalars, keys, values, masks, cos, sin, eps, 2, final_norm, o, head,
+                         cap, lg)
         finally:
             nb.set_num_threads(nb.config.NUMBA_NUM_THREADS)
-        results.append((roles.tolist(), h, o, [k.copy() for k in keys], [v.copy() for v in values]))
+        results.append((roles.tolist(), h, o, lg, [k.copy() for k in keys], [v.copy() for v in values]))
     (together_roles, *together), (alone_roles, *alone) = results
     assert together_roles == [team.TEAM] * 2 and alone_roles == [team.SOLO, team.OUT]
     for a, b in zip(together, alone):

@@ -58,7 +58,7 @@ PREFILL_ROWS = {  # fast.prefill function -> what its own time is
     "softmax_t": "prefill, token-minor: attention's online softmax",
 }
 STEP_ROWS = {  # fast.step names -> what their own time is
-    "_layers": "decode: every layer compiled whole (GEMVs, attention, norms, RoPE, GELU), the final norm",
+    "_layers": "decode: every layer compiled whole (GEMVs, attention, norms, RoPE, GELU), the final norm, the head",
     "DecodeStep.__call__": "decode: the step's Python side (slots, masks, RoPE tables)",
 }
 
@@ -110,7 +110,8 @@ def instrument(model) -> Timers:
     for owner, attr, row in places:
         timers.saved.append((owner, attr, getattr(owner, attr)))
         setattr(owner, attr, timers.wrap(row, getattr(owner, attr)))
-    model.kernels = Kernels(**{f.name: getattr(cpu, f.name) for f in dataclasses.fields(Kernels)})
+    model.kernels = Kernels(**{f.name: getattr(cpu, f.name) for f in dataclasses.fields(Kernels)} |
+                            {"lm_head": model._lm_head})  # the compiled step's logits, else the wrapped cpu.lm_head
     return timers
 
 
