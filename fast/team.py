@@ -18,13 +18,20 @@ the late ones do nothing (OUT), and the numbers are the same either way.
 
 from __future__ import annotations
 
+import sys
+
 import numba as nb
+from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 OUT, TEAM, SOLO = 0, 1, 2  # what `meet` tells a member: do nothing, work your share, work everything
 LONE = 1 << 40  # the counter from the moment a member goes solo (above any count of arrivals)
-PATIENCE = 1 << 24  # loads of the counter a member spends waiting for the others at the first meeting
+# A waiting member spins SPINS loads of the counter (~30-70 us), then gives up its core at every further
+# look (`yield_core`): where the team has more threads than the process has cores (NUMBA_NUM_THREADS
+# above a container's CPU quota), a member spinning on a core the others need would hold the barrier up.
+SPINS = 1 << 16
+PATIENCE = 1 << 12  # the yielding looks after SPINS at which the first meeting stops waiting (`meet`)
 
 
 def _slot(context, builder, sig, args):
@@ -58,18 +65,32 @@ def compare_exchange(typingctx, a, i, expected, new):
     return types.int64(types.int64[::1], types.intp, types.int64, types.int64), codegen
 
 
+@intrinsic
+def yield_core(typingctx):
+    """Let another runnable thread have this core (POSIX sched_yield; nothing on Windows)."""
+    def codegen(context, builder, sig, args):
+        if not sys.platform.startswith("win"):
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(32), []), "sched_yield")
+            builder.call(fn, [])
+        return context.get_dummy_value()
+    return types.none(), codegen
+
+
 @nb.njit(cache=True)
 def meet(counter, members, patience):
     """The first meeting of `members` members -> TEAM (all came: work your share), SOLO (nobody else came
-    within `patience` loads: work everything) or OUT (someone went solo before you came: do nothing)."""
+    within SPINS loads and `patience` yielding ones: work everything) or OUT (someone went solo before you
+    came: do nothing)."""
     if fetch_add(counter, 0, 1) >= LONE:
         return OUT
-    for _ in range(patience):
+    for look in range(SPINS + patience):
         c = load(counter, 0)
         if c >= LONE:
             return OUT
         if c >= members:
             return TEAM
+        if look >= SPINS:
+            yield_core()
     c = load(counter, 0)
     while c < members:  # go solo, unless the others arrive first
         seen = compare_exchange(counter, 0, c, LONE)
@@ -86,8 +107,11 @@ def wait(counter, members, gen):
     start (counter >= LONE) at once."""
     fetch_add(counter, 0, 1)
     target = members * (gen + 1)
+    look = 0
     while load(counter, 0) < target:
-        pass
+        look += 1
+        if look > SPINS:
+            yield_core()
     return gen + 1
 
 

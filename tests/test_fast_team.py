@@ -3,12 +3,20 @@ barrier; a member that meets nobody (the iterations ran one after another) does 
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import numba as nb
 import numpy as np
 import pytest
 
+import ref
 from fast import team
 from fast.step import PRANGE_ONLY
+from ref.config import tiny_hf_dict
+from ref.tiny import random_tensors, write_checkpoint
 
 
 @nb.njit(cache=False)
@@ -100,3 +108,26 @@ def test_atomics_return_the_value_before():
     a = np.array([5, 9], np.int64)
     # fetch_add: 9 before, 12 after; 5 != 4: not swapped; 5 == 5: swapped to 7
     assert _atomics(a) == (9, 12, 5, 5, 5, 7)
+
+
+def test_a_team_larger_than_the_cores_gives_refs_tokens(tmp_path):
+    """NUMBA_NUM_THREADS above the cores (as where a container's CPU quota is below the CPUs it sees): five
+    members on this machine's cores, most GEMV stages and key chunks fewer programs than members, waiting
+    members giving up their cores after SPINS looks. Every step runs as a team of five (or, if one member
+    waited out its patience, alone) and the tokens are ref's."""
+    hf = tiny_hf_dict(num_hidden_layers=3)
+    d = write_checkpoint(tmp_path / "m", hf, random_tensors(hf, 5, "BF16"))
+    code = (
+        "import json, sys, numpy as np, numba as nb, fast\n"
+        "from fast import step\n"
+        "roles, real = [], step._layers\n"
+        "step._layers = lambda *a: roles.append(real(*a).tolist())\n"
+        "got = fast.load_model(sys.argv[1]).generate(np.arange(3, 30)[None], max_new_tokens=6)\n"
+        "print(json.dumps([nb.get_num_threads(), roles, got.tolist()]))\n")
+    env = dict(os.environ, NUMBA_NUM_THREADS="5")
+    run = subprocess.run([sys.executable, "-c", code, str(d)], env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-2000:]
+    threads, roles, got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert threads == 5 and len(roles) == 5  # a step for each token after the first
+    assert all(r == [team.TEAM] * 5 or sorted(r) == [team.OUT] * 4 + [team.SOLO] for r in roles), roles
+    assert got == ref.load_model(d).generate(np.arange(3, 30)[None], max_new_tokens=6).tolist()
