@@ -114,9 +114,9 @@ CLAIM_STRIDE = 8  # int64s between two stages' claim counters: one 64-byte line 
 @nb.njit(cache=True)
 def _programs(x, pairs, ws, first, col, n, out, tid, members, claims, stage):
     """Member tid's programs 0..n-1 of a GEMV stage (cpu._gemv_program; first, col, pairs from
-    cpu._gemv_layout):
-    a fixed share of the first 7/8, then the rest one at a time from the stage's claim counter, so that a
-    member the host slows down does not keep the other waiting at the barrier."""
+    cpu._gemv_layout): a fixed share of the first 7/8, then the rest one at a time from the stage's claim
+    counter (claims[CLAIM_STRIDE * stage]), so that a member the host slows down does not keep the others
+    waiting at the barrier."""
     fixed = n - n // 8
     lo, hi = team.share(fixed, tid, members)
     for pid in range(lo, hi):
@@ -136,10 +136,10 @@ def _member(tid, members, counter, claims, x0, table, mats, norms, scalars, keys
     every member does, so the members agree bit for bit without another barrier. Member 0 writes the
     cache's new key row, the last member its value row (then a barrier), member 0 `out` and x0 [1, D] at
     the end; then the head's rows and each member soft-caps its share of them. claims: `_programs`'
-    counters. proj_buf, m_buf, l_buf, big: flat float32 buffers that each stage
-    views in its shape (q/k/v; the chunks' max and sum; their values, then gate/up), o, d [1, D]: the o
-    and down projections. The numbers are the per-stage loops' (the kernels and their split into programs
-    are the same; `threads` sets attention's chunks whatever the team's size)."""
+    counters. proj_buf, m_buf, l_buf, big: flat float32 buffers that each stage views in its shape (q/k/v;
+    the chunks' max and sum; their values, then gate/up), o, d [1, D]: the o and down projections. The
+    numbers are the per-stage loops' (the kernels and their split into programs are the same; `threads`
+    sets attention's chunks whatever the team's size)."""
     x = x0.copy()
     gen = 1  # the barriers passed so far (fast.team.meet was the first)
     for i in range(table.shape[0]):
