@@ -24,6 +24,7 @@ import weakref
 
 import numba as nb
 import numpy as np
+from numba.np.ufunc import parallel as nb_parallel
 from numba.typed import List
 
 from ref.layers import rope_cos_sin, rope_inv_freq
@@ -231,14 +232,22 @@ def _bookkeeping(slots, q, own, table, kind_cache, modes, window, key_ok, block)
         table[i, N] = n[table[i, SRC]]
     masks = np.zeros((len(kind_cache), n.max()), np.bool_)
     for c in range(len(kind_cache)):
-        j = kind_cache[c]
-        for s in range(n[j]):
-            k = slots[j][s]
+        held = slots[kind_cache[c]]  # once: each read of a typed list's item costs ~60 ns
+        for s in range(n[kind_cache[c]]):
+            k = held[s]
             masks[c, s] = key_ok[0, k] and maskrule.visible(modes[c], q - k, window, block[0, q], block[0, k])
     return masks
 
 
 # ---- the Python side ----------------------------------------------------------------------------
+
+def _threads() -> int:
+    """nb.get_num_threads(), less its check that Numba's pool was started (compile_step started it): a
+    Python call after a step runs on caches the step's weights went through, and there that check costs
+    ~25 us of the call's ~40 (the 2-core Zen 1)."""
+    count = getattr(nb_parallel, "_get_num_threads", None)  # set when the pool starts
+    return count() if count is not None else nb.get_num_threads()
+
 
 ROPE_ROWS = 64  # decoding positions whose RoPE tables one call of ref's rope_cos_sin fills ahead
 
@@ -328,6 +337,7 @@ class DecodeStep(StepPlan):
         self.head_bits = cpu._read_only(head.bits if self.head is not None else
                                         np.zeros((0, cfg.hidden_size), np.uint16))
         self.cap = np.float32(cfg.final_logit_softcapping or 0)
+        self.eps = np.float32(cfg.rms_norm_eps)
         layer_mats = [_matrices(params.layers[i], mode) for i, mode in enumerate(self.modes_by_layer)]
         self.ok = (not cfg.attention_bias and all(s.head_dim % 2 == 0 for s in cfg.layers)
                    and all(isinstance(m.weight, Bf16) for ms in layer_mats for m in ms))
@@ -372,9 +382,8 @@ class DecodeStep(StepPlan):
         h = np.ascontiguousarray(x, np.float32).reshape(1, -1).copy()
         out = np.empty_like(h)
         logits = np.empty((1, self.head_bits.shape[0]), np.float32)
-        _layers(h, table, self.mats, self.norms, self.scalars, keys, values, masks, cos, sin,
-                np.float32(self.cfg.rms_norm_eps), nb.get_num_threads(), self.final_norm, out, self.head_bits,
-                self.cap, logits)
+        _layers(h, table, self.mats, self.norms, self.scalars, keys, values, masks, cos, sin, self.eps,
+                _threads(), self.final_norm, out, self.head_bits, self.cap, logits)
         self._last = (out, logits) if self.head is not None else None
         return out.reshape(1, 1, -1)
 
@@ -385,8 +394,10 @@ class DecodeStep(StepPlan):
         if self._last is None:
             return None
         out, logits = self._last
-        if not (table is self.head and cap == self.cfg.final_logit_softcapping and h.shape == (1, 1, out.size)
-                and h.__array_interface__["data"][0] == out.ctypes.data):
+        # h's memory is out's: a view of it of out's shape with element strides. (Reading a data address
+        # through ctypes or __array_interface__ costs 35-40 us here: Python runs on cold caches after a step.)
+        if not (table is self.head and cap == self.cfg.final_logit_softcapping and h.base is out
+                and h.shape == (1, 1, out.size) and h.strides[2] == out.itemsize):
             return None
         self._last = None
         return logits.reshape(1, 1, -1)

@@ -13,10 +13,11 @@ from hypothesis import strategies as st
 
 import fast
 import ref
-from fast import step, team
+from fast import cpu, step, team
 from ref.config import tiny_hf_dict
 from ref.layers import rope_cos_sin
 from ref.model import Model
+from ref.safetensors_io import Bf16
 from ref.tiny import random_tensors, write_checkpoint
 
 from helpers import cached_steps, count_step_calls
@@ -97,6 +98,23 @@ def test_generate_uses_the_compiled_step_and_gives_refs_tokens(tmp_path, monkeyp
     got = fast.load_model(d).generate(ids, max_new_tokens=6)
     assert len(calls) == got.shape[1] - 1  # every token after the prefill's
     np.testing.assert_array_equal(got, ref.load_model(d).generate(ids, max_new_tokens=6))
+
+
+def test_the_steps_logits_go_only_to_its_own_output_and_only_once(tmp_path):
+    """lm_head takes the logits the step computed only for the step's output itself (a view of its memory
+    in its shape and order), the same table and cap, and once; anything else is computed by lm_head."""
+    model = fast.load_model(_checkpoint(tmp_path, final_logit_softcapping=30.0))
+    ids, cap = np.arange(3, 20)[None], model.config.final_logit_softcapping
+    T = ids.shape[1]
+    h = cached_steps(model, model.run_decoder, ids, np.ones((1, T), bool), np.full((1, T), -1), [7])[0][-1]
+    want = cpu.lm_head(h.copy(), model.head, cap)  # the head's GEMV outside the step
+    held = model._step
+    for other in [(h.copy(), model.head, cap), (h[:, :, ::-1], model.head, cap),
+                  (h, Bf16(model.head.bits.copy()), cap), (h, model.head, 20.0)]:
+        assert held.logits_for(*other) is None
+    got = held.logits_for(h[:, -1:], model.head, cap)
+    assert got is not None and got.tobytes() == want.tobytes()
+    assert held.logits_for(h, model.head, cap) is None  # handed out already
 
 
 def test_the_steps_typed_lists_live_as_long_as_their_cache(tmp_path):
