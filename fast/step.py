@@ -369,9 +369,10 @@ class DecodeStep(StepPlan):
         return lists
 
     def usable(self, x: np.ndarray, cache) -> bool:
-        """One token of one sequence, after a prefill filled every layer's cache."""
+        """One token of one sequence, after a prefill filled every layer's cache (known, without a look at
+        every layer, for a cache that a step already took: `_lists`)."""
         return (self.ok and x.shape[:2] == (1, 1) and isinstance(cache, cpu.RingKVCache)
-                and cache.length > 0 and all(i in cache.keys for i in self.own))
+                and cache.length > 0 and (cache in self._kv_lists or all(i in cache.keys for i in self.own)))
 
     def __call__(self, x, positions, key_ok, block, cache) -> np.ndarray:
         _, table, masks = self.bookkeeping(cache, key_ok, block)
