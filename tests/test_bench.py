@@ -95,9 +95,38 @@ def test_profile_fast_runs_end_to_end(monkeypatch, capsys):
 
     # the tiny sizes with the bench's vocabulary (its prompt's ids reach 30000; the media ids follow it)
     monkeypatch.setattr(bench, "bench_config", lambda layers: tiny_hf_dict(vocab_size=bench.BENCH_VOCAB))
-    assert _tool("profile_fast").main(["--prompt", "16", "--decode", "2"]) == 0
+    assert _tool("profile_fast").main(["--prompt", "16", "--decode", "2", "--stages"]) == 0
     out = capsys.readouterr().out
     assert "prefill, 16 tokens" in out and "decode, per token" in out and "over the model's own weights" in out
+    assert "the compiled step by stage" in out and all(f"  {name} " in out for name in _tool("profile_fast").STAGES)
+
+
+def test_the_stage_profile_names_every_barrier_and_keeps_the_tokens(tmp_path):
+    """tools/profile_fast.py --stages on a tiny bf16 model with KV-shared layers (which skip the K/V row's
+    barrier) and a soft-capped head: the stamped copy of the step meets exactly the barriers `stage_names`
+    lists (it raises otherwise), decodes ref's tokens, and its stages fit in the step's call, their openings
+    in them; the real step is back afterwards."""
+    import fast
+    import ref
+    from fast import step
+    from ref.config import tiny_hf_dict
+    from ref.tiny import random_tensors, write_checkpoint
+
+    tool = _tool("profile_fast")
+    hf = tiny_hf_dict(num_hidden_layers=4, num_kv_shared_layers=2, final_logit_softcapping=30.0,
+                      layer_types=["sliding_attention", "full_attention"] * 2)
+    d = write_checkpoint(tmp_path / "m", hf, random_tensors(hf, dtype="BF16"))
+    model, real, ids = fast.load_model(d), step._layers, np.arange(3, 40)[None]
+    seen = []
+    generate = model.generate
+    model.generate = lambda *a, **k: seen.append(generate(*a, **k)) or seen[-1]
+    r = tool.stage_profile(model, ids, n_decode=3)
+    assert step._layers is real
+    assert "K/V row" not in tool.stage_names(model._step.table[2:], head=False)  # the shared layers
+    np.testing.assert_array_equal(seen[-1], ref.load_model(d).generate(ids, max_new_tokens=4))
+    assert set(r["stages"]) == set(tool.STAGES) and all(v > 0 for v in r["stages"].values())
+    assert sum(r["stages"].values()) <= r["step"] <= r["token"]
+    assert all(0 <= r["openings"][n] <= r["stages"][n] for n in tool.STAGES) and r["waits"] >= 0
 
 
 def test_profile_fast_accounts_for_every_timed_function(tmp_path):

@@ -11,10 +11,11 @@ A prompt runs token-minor (fast/prefill.py: its functions' rows); `--prefill-lay
 ref's layer code with fast's kernels instead. A decoding step runs compiled whole (fast/step.py): its
 layers are one row, `_layers`, and the Python around them (the cache's slots, the masks, RoPE tables) the
 row `DecodeStep.__call__`. `--layer-code` decodes through ref's layer code with fast's kernels instead,
-which splits the step kernel by kernel.
+which splits the step kernel by kernel. `--stages` splits the compiled step instead, stage by stage
+(`stage_profile`): a copy of it reads the CPU's cycle counter at every barrier its threads meet at.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python tools/profile_fast.py [--prompt 512] [--decode 32]
-        [--layer-code] [--prefill-layer-code]
+        [--layer-code] [--prefill-layer-code] [--stages]
 """
 
 from __future__ import annotations
@@ -162,6 +163,184 @@ def table(title: str, total: float, rows: dict) -> str:
     return "\n".join(lines)
 
 
+# ---- the compiled step, stage by stage -----------------------------------------------------------------
+
+# What each stage of fast/step.py's `_member` covers: from the earliest member's departure from the barrier
+# before it to the last member's arrival at its own (so a stage holds the small steps that open it).
+STAGES = {
+    "q/k/v": "input norm, the q/k/v GEMV",
+    "K/V row": "q's norm and RoPE, the new key and value rows (every layer with its own K/V)",
+    "attention": "the split-key attention programs",
+    "o": "the chunks' merge, the o GEMV",
+    "gate/up": "residual add and its norms, the gate/up GEMV",
+    "down": "GELU, the down GEMV",
+    "head": "residual, layer scalar, final norm, the head's GEMV and soft-capping",
+}
+
+
+def cycle_counter():
+    """A Numba intrinsic -> the CPU's cycle counter (LLVM's readcyclecounter: rdtsc on x86; 0 where the CPU
+    has none), and its ticks per second measured over 0.2 s (0.0 if it does not tick)."""
+    import numba as nb
+    from llvmlite import ir
+    from numba.core import cgutils, types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def cycles(typingctx):
+        def codegen(context, builder, sig, args):
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(64), []),
+                                                "llvm.readcyclecounter")
+            return builder.call(fn, [])
+        return types.int64(), codegen
+
+    read = nb.njit(lambda: cycles())
+    read()
+    c0, t0 = read(), time.perf_counter()
+    time.sleep(0.2)
+    c1, t1 = read(), time.perf_counter()
+    return cycles, (c1 - c0) / (t1 - t0)
+
+
+def stamped_layers(cycles):
+    """fast.step's `_layers` and `_member`, recompiled from their source with a cycle-counter reading at
+    the member's start, before and after every barrier (fast.team.wait) and where a stage's programs begin
+    -> `_layers` taking one more argument, stamps int64 [threads, events, 3]: member tid's event e (0: its
+    start; then its barriers in the order it meets them) arrived at stamps[tid, e, 0] and left at
+    stamps[tid, e, 1], and the stage that ends there began its programs (GEMV rows or key chunks) at
+    stamps[tid, e, 2] (0 for a stage without them). The numbers are the step's own (the same kernels in the
+    same order)."""
+    import inspect
+    import textwrap
+
+    import numba as nb
+
+    from fast import step
+
+    lines, waits = [], 0
+    for line in textwrap.dedent(inspect.getsource(step._member.py_func)).splitlines():
+        pad = line[:len(line) - len(line.lstrip())]
+        if line.strip() == "x = x0.copy()":  # the first statement: the member's start
+            lines += [f"{pad}ev = 1", f"{pad}st[tid, 0, 0] = st[tid, 0, 1] = cycles()"]
+        if line.strip().startswith("_programs(") or line.strip() == "for pid in range(lo, hi):":
+            lines.append(f"{pad}st[tid, ev, 2] = cycles()")
+        if "team.wait(counter, members, gen)" in line:
+            lines += [f"{pad}st[tid, ev, 0] = cycles()", line, f"{pad}st[tid, ev, 1] = cycles()", f"{pad}ev += 1"]
+            waits += 1
+        else:
+            lines.append(line)
+    if waits != len(STAGES) or not any("ev = 1" in line for line in lines):
+        raise RuntimeError(f"fast.step._member changed: {waits} barriers found where this tool knows {len(STAGES)}")
+    member = "\n".join(lines).replace("@nb.njit(cache=True)\n", "").replace(", big, o, d):", ", big, o, d, st):")
+    layers = textwrap.dedent(inspect.getsource(step._layers.py_func))
+    layers = layers[layers.index("def "):].replace("logits):", "logits, st):").replace(", o, d)", ", o, d, st)")
+    space = dict(vars(step), cycles=cycles)
+    exec(member, space)
+    space["_member"] = nb.njit(space["_member"])
+    exec(layers, space)
+    return nb.njit(parallel=step.PRANGE_ONLY)(space["_layers"])
+
+
+def stage_names(table, head: bool) -> list[str]:
+    """The barriers a member meets in one step, in order, for the step's table (KV-shared layers write no
+    K/V row and skip that barrier)."""
+    from fast import step
+
+    names = []
+    for row in table:
+        names += [n for n in STAGES if n != "head" and (n != "K/V row" or row[step.MODE] != step.SHARED)]
+    return names + ["head"] * head
+
+
+def stage_bytes(model) -> dict:
+    """Bytes of weights each GEMV stage streams per token: {stage: bytes}."""
+    from fast import step
+
+    s = model._step
+    out = dict.fromkeys(STAGES, 0)
+    for i, mode in enumerate(s.modes_by_layer):
+        m = [s.mats[7 * i + j] for j in range(7)]
+        out["q/k/v"] += sum(m[j].nbytes for j in range(1 if mode == step.SHARED else 2 if mode == step.K_EQ_V else 3))
+        out["o"] += m[step.O].nbytes
+        out["gate/up"] += m[step.GATE].nbytes + m[step.UP].nbytes
+        out["down"] += m[step.DOWN].nbytes
+    out["head"] = s.head_bits.nbytes
+    return out
+
+
+def stage_profile(model, ids: np.ndarray, n_decode: int) -> dict:
+    """Decode `n_decode` tokens after the prompt ids with the stamped step in place of fast.step._layers ->
+    {"token": s, "step": s, "stages": {stage: s}, "openings": {stage: s}, "waits": s} per token, medians
+    over the steps: the token's time (its gap in generate), the compiled call's (perf_counter around it),
+    each stage's summed over the layers, of which its opening (from a member's leaving the barrier before
+    to its first program; the mean of the members), and the time a member waits at barriers (the mean of
+    the members)."""
+    from fast import step
+
+    model.compile()
+    cycles, hz = cycle_counter()
+    if hz <= 0:
+        raise RuntimeError("this CPU has no cycle counter that LLVM can read")
+    stamped, real = stamped_layers(cycles), step._layers
+    records = []
+
+    def layers(*args):  # fast.step._layers' arguments: table is args[1], threads args[11], head args[14]
+        st = np.zeros((args[11], 2 + len(args[1]) * len(STAGES), 3), np.int64)
+        t = time.perf_counter()
+        roles = stamped(*args, st)
+        records.append((time.perf_counter() - t, st, stage_names(args[1], args[14].shape[0] > 0), roles))
+        return roles
+
+    step._layers = layers
+    try:
+        model.generate(ids, max_new_tokens=2)  # compiles the stamped copy
+        records.clear()
+        stamps: list[float] = []
+        model.generate(ids, max_new_tokens=1 + n_decode, on_token=lambda _: stamps.append(time.perf_counter()))
+    finally:
+        step._layers = real
+    per_token = []
+    for seconds, st, names, roles in records:
+        # the members that worked (one that went solo stamps as member 0, whichever thread it was)
+        st = st[st[:, 0, 0] != 0]
+        if not (st[:, :1 + len(names), 1].all() and not st[:, 1 + len(names):].any()):
+            raise RuntimeError(f"the step met other barriers than the {len(names)} named: {names}")
+        st = st[:, :1 + len(names)].astype(np.float64) / hz
+        arrive, leave, begin = st[:, :, 0], st[:, :, 1], st[:, :, 2]
+        spans = arrive[:, 1:].max(axis=0) - leave[:, :-1].min(axis=0)  # a stage: earliest start to last arrival
+        opens = (np.where(begin[:, 1:] > 0, begin[:, 1:], arrive[:, 1:]) - leave[:, :-1]).mean(axis=0)
+        stages, openings = dict.fromkeys(STAGES, 0.0), dict.fromkeys(STAGES, 0.0)
+        for name, span, opening in zip(names, spans, opens):
+            stages[name] += span
+            openings[name] += opening
+        per_token.append((seconds, stages, openings, (leave[:, 1:] - arrive[:, 1:]).sum(axis=1).mean()))
+    return {"token": float(np.median(np.diff(stamps))), "step": float(np.median([p[0] for p in per_token])),
+            "stages": {n: float(np.median([p[1][n] for p in per_token])) for n in STAGES},
+            "openings": {n: float(np.median([p[2][n] for p in per_token])) for n in STAGES},
+            "waits": float(np.median([p[3] for p in per_token]))}
+
+
+def stage_table(r: dict, nbytes: dict, limit_bw: float) -> str:
+    """The stage profile as text; limit_bw: the read bandwidth (GB/s) the GEMV stages are set against."""
+    lines = [f"decode, the compiled step by stage, per token (medians of the steps): token {r['token'] * 1e3:.2f} ms, "
+             f"the compiled call {r['step'] * 1e3:.2f} ms",
+             f"  {'stage':10} {'ms':>7} {'share':>6} {'opening':>7} {'MB':>7} {'GB/s':>6} {'of bw':>6}"]
+    for name, what in STAGES.items():
+        sec, b = r["stages"][name], nbytes.get(name, 0)
+        speed = f"{b / sec / 1e9:6.1f} {b / sec / 1e9 / limit_bw:6.0%}" if b and sec > 0 else f"{'':6} {'':6}"
+        lines.append(f"  {name:10} {sec * 1e3:7.3f} {sec / r['token']:6.1%} {r['openings'][name] * 1e3:7.3f} "
+                     f"{b / 1e6:7.1f} {speed}  {what}")
+    rest = r["step"] - sum(r["stages"].values())
+    lines.append(f"  {'in the call':10} {rest * 1e3:7.3f} {rest / r['token']:6.1%}  the team's start and end, "
+                 "the call from Python")
+    outside = r["token"] - r["step"]
+    lines.append(f"  {'outside':10} {outside * 1e3:7.3f} {outside / r['token']:6.1%}  Python: the step's side, "
+                 "embedding, head's wrapper, selection, generate's loop")
+    lines.append(f"  opening: the small steps before a stage's first program (ms, the members' mean); a member "
+                 f"waited {r['waits'] * 1e3:.3f} ms a token at the barriers (both inside the stages' times)")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     import fast
     from fast.bench import (bench_config, bench_prompt, decoder_weight_counts, own_weight_buffers, read_limits,
@@ -174,6 +353,7 @@ def main(argv=None) -> int:
     ap.add_argument("--layer-code", action="store_true", help="decode through ref's layer code, kernel by kernel")
     ap.add_argument("--prefill-layer-code", action="store_true",
                     help="prefill through ref's layer code with fast's kernels, not token-minor")
+    ap.add_argument("--stages", action="store_true", help="also split the compiled decoding step by stage")
     args = ap.parse_args(argv)
     hf = bench_config(args.layers)
     with tempfile.TemporaryDirectory() as tmp:
@@ -184,6 +364,9 @@ def main(argv=None) -> int:
         buffers = own_weight_buffers(model, hf)
         before = read_limits(buffers)
         r = profile(model, bench_prompt(args.prompt), args.decode)
+        stages = None
+        if args.stages and not args.layer_code:
+            stages = stage_profile(model, bench_prompt(args.prompt), args.decode), stage_bytes(model)
         bw, own = map(max, before, read_limits(buffers))
     weight_bytes = 2 * decoder_weight_counts(hf)[0]
     print(table(f"prefill, {args.prompt} tokens (fastest of 3)", *r["prefill"]))
@@ -192,6 +375,9 @@ def main(argv=None) -> int:
     print(f"\nread bandwidth beside the run: {bw:.1f} GB/s in 1 GB probes, {own:.1f} GB/s over the model's own "
           f"weights; at the better of them the {weight_bytes / 1e6:.0f} MB of bf16 weights take "
           f"{weight_bytes / max(bw, own) / 1e6:.2f} ms per token")
+    if stages:
+        print()
+        print(stage_table(*stages, max(bw, own)))
     return 0
 
 
