@@ -25,14 +25,25 @@ from ref.weights import load_tensors
 DEVICES = ("cpu", "gpu")
 
 
-class CpuModel(Model):
+class _StepLogits:
+    """The output head of a model whose cached one-token step computes that token's logits itself (the
+    CPU's compiled step, the GPU's graph): `_lm_head` stands in for the kernels' lm_head, taking the
+    step's logits for the step's own output (its `logits_for`) and the backend's lm_head (`_backend`,
+    fast.cpu or fast.gpu, looked up at each call) for anything else."""
+
+    def _lm_head(self, h, table, cap):
+        logits = None if self._step is None else self._step.logits_for(h, table, cap)
+        return self._backend.lm_head(h, table, cap) if logits is None else logits
+
+
+class CpuModel(_StepLogits, Model):
     """ref's Model with Numba kernels and a preallocated cache."""
 
     def __init__(self, *args, **kwargs):
         from . import cpu  # compiles (or loads cached) kernels on first use
 
         super().__init__(*args, **kwargs)
-        self._cpu = cpu
+        self._cpu = self._backend = cpu
         self.kernels = dataclasses.replace(cpu.KERNELS, lm_head=self._lm_head)
         self._cache_type = cpu.RingKVCache
         self._step = None  # fast.step.DecodeStep, built at the first cached step
@@ -60,11 +71,6 @@ class CpuModel(Model):
                 return self._step(x, positions, key_ok, block, cache)
         return super().run_decoder(x, positions, key_ok, block, cache, trace, last_only)
 
-    def _lm_head(self, h, table, cap):
-        """fast.cpu's lm_head, except for the output of a compiled step, which computed its logits."""
-        logits = None if self._step is None else self._step.logits_for(h, table, cap)
-        return self._cpu.lm_head(h, table, cap) if logits is None else logits
-
     def compile(self) -> float:
         """Compile (or load from Numba's cache) every kernel now -> seconds it took."""
         from .prefill import compile_prefill
@@ -77,7 +83,7 @@ class CpuModel(Model):
         return time.perf_counter() - t0
 
 
-class GpuModel(Model):
+class GpuModel(_StepLogits, Model):
     """ref's Model with the decoder's weights on the device and GPU kernels. A text-only prompt inside
     forward or a cached generate is embedded on the device (`embed`); other embedding (single tokens, the
     vision/audio embedders) stays on the host and moves to the device once per decoder call (a cached step
@@ -89,7 +95,7 @@ class GpuModel(Model):
         from . import gpu
 
         super().__init__(*args, **kwargs)
-        self._gpu = gpu
+        self._gpu = self._backend = gpu
         self.kernels = dataclasses.replace(gpu.KERNELS, lm_head=self._lm_head)
         self._decoder = gpu.to_device(self.params.language_model)
         self._head = self._decoder.embed_tokens.weight if self.config.tie_word_embeddings else \
@@ -172,11 +178,6 @@ class GpuModel(Model):
             if self._step.usable(x, cache):
                 return self._step(x, positions, key_ok, block, cache)
         return super().run_decoder(self._gpu.xp.asarray(x), positions, key_ok, block, cache, trace, last_only)
-
-    def _lm_head(self, h, table, cap):
-        """The GPU kernels' lm_head, except for the output of a graph step, whose logits the graph computed."""
-        logits = None if self._step is None else self._step.logits_for(h, table, cap)
-        return self._gpu.lm_head(h, table, cap) if logits is None else logits
 
     def compile(self) -> float:
         """Compile every GPU kernel now (gpu.compile_all), then generate two tokens after a prompt one token

@@ -35,6 +35,7 @@ from . import cpu, maskrule, team
 # Columns of the per-layer table (int64 [L, 10]).
 KIND, ROPE, DH, H, K, MODE, SRC, N, SLOT, INTER = range(10)
 OWN, K_EQ_V, SHARED = 0, 1, 2  # MODE: own q/k/v projections; V from k_proj; K/V of an earlier layer
+PROJECTIONS = (3, 2, 1)  # by MODE: the matrices of a layer's q/k/v GEMV (q, k, v; q, k; q)
 Q, KP, VP, O, GATE, UP, DOWN = range(7)  # a layer's matrices in `mats`, at 7 * layer + these
 IN_LN, Q_NORM, K_NORM, V_NORM, POST_ATTN, PRE_FF, POST_FF = range(7)  # its norms, at 7 * layer + these
 
@@ -150,7 +151,7 @@ def _member(tid, members, counter, claims, x0, table, mats, norms, scalars, keys
         nq, nk = hq * dh, kv * dh
         h = _norm(x, norms[7 * i + IN_LN], eps)  # 1
         ws = (mats[w + Q], mats[w + KP], mats[w + VP])  # 2
-        count = 1 if mode == SHARED else 2 if mode == K_EQ_V else 3
+        count = PROJECTIONS[mode]
         first, col, pairs = cpu._gemv_layout(h, ws, count)
         proj = proj_buf[:col[count]].reshape(1, col[count])
         _programs(h, pairs, ws, first, col, first[count], proj, tid, members, claims, 4 * i)

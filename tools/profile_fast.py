@@ -260,7 +260,7 @@ def stage_bytes(model) -> dict:
     out = dict.fromkeys(STAGES, 0)
     for i, mode in enumerate(s.modes_by_layer):
         m = [s.mats[7 * i + j] for j in range(7)]
-        out["q/k/v"] += sum(m[j].nbytes for j in range(1 if mode == step.SHARED else 2 if mode == step.K_EQ_V else 3))
+        out["q/k/v"] += sum(m[j].nbytes for j in range(step.PROJECTIONS[mode]))
         out["o"] += m[step.O].nbytes
         out["gate/up"] += m[step.GATE].nbytes + m[step.UP].nbytes
         out["down"] += m[step.DOWN].nbytes
