@@ -800,18 +800,48 @@ def lm_head(h: np.ndarray, table, cap: float | None) -> np.ndarray:
 
 # ---- attention ----------------------------------------------------------------------------------
 
+@intrinsic
+def _value_sums(typingctx):
+    """A pointer to 2 x VALUE_COLUMNS float32 values on the calling function's stack. LLVM keeps such values
+    in registers through a loop; a heap array's it loads and stores at every step, unable to tell that the
+    loop's other arrays do not overlap it."""
+    def codegen(context, builder, signature, args):
+        slots = cgutils.alloca_once(builder, ir.ArrayType(ir.FloatType(), 2 * VALUE_COLUMNS))
+        return builder.bitcast(slots, ir.PointerType(ir.FloatType()))
+
+    return types.CPointer(types.float32)(), codegen
+
+
+TWO_PASS_GROUP = 4  # query heads per kv head from which a decode program takes two passes (`_decode_two_pass`)
+VALUE_COLUMNS = 32  # columns of two heads' value sums held in registers (2 x 4 of AVX2's 16 vectors)
+VALUE_KEYS = 64  # keys whose value rows `_decode_two_pass` sums together (64-128 KB at one kv head of 256-512)
+
+
 @nb.njit(fastmath=FM, error_model="numpy", cache=True)
 def _decode_program(q, k, v, mask, chunk, part_m, part_l, part_acc, pid):
-    """Split-key attention for a few queries (decode), one program: pid = (b, key chunk c). One pass over
-    the chunk's visible keys in memory order, K and V row side by side: for every query the scores of all
-    heads, then each head's running max, exp-sum and exp-weighted sum of values, rescaled by
-    e^(old max - new max) at every key (exactly 1 where the max stays: no branch, so the heads' softmax
-    step vectorises), into part_m/part_l [B, C, T, H] and part_acc [B, C, T, H, Dh]; `_combine` merges the
-    chunks. A program reads its chunk's rows once for all heads (GQA), so a single query still spreads
-    over every core. (Against separate score, exp and value passes: 0.16 ms less per token of the bench
-    model; against a rescale only when the max grows: 544 keys of 4 kv heads of 128 for 8 heads 171 against
-    183 us cold, 122 against 132 warm, of one kv head of 256 239 against 261 and 194 against 216 (minima of
-    40 interleaved rounds, the Zen 1).) q [B, T, H, Dh], k/v [B, S, K, Dh], mask [B, T, S] bool."""
+    """Split-key attention for a few queries (decode), one program: pid = (b, key chunk c), into part_m/part_l
+    [B, C, T, H] (each head's maximum score m over the chunk's visible keys, and the sum of e^(score - m))
+    and part_acc [B, C, T, H, Dh] (the value rows weighted by e^(score - m)); `_combine` merges the chunks.
+    A program reads its chunk's rows for all heads (GQA), so a single query still spreads over every core.
+    Where a kv head serves few query heads, a key's K and V rows cost more to read than to use:
+    `_decode_per_key`, whose arithmetic covers its loads. Where it serves TWO_PASS_GROUP or more (the
+    global layers), the arithmetic is the cost: `_decode_two_pass`, with a third less of it.
+    q [B, T, H, Dh], k/v [B, S, K, Dh], mask [B, T, S] bool."""
+    if q.shape[2] // k.shape[2] >= TWO_PASS_GROUP:
+        _decode_two_pass(q, k, v, mask, chunk, part_m, part_l, part_acc, pid)
+    else:
+        _decode_per_key(q, k, v, mask, chunk, part_m, part_l, part_acc, pid)
+
+
+@nb.njit(fastmath=FM, error_model="numpy", cache=True)
+def _decode_per_key(q, k, v, mask, chunk, part_m, part_l, part_acc, pid):
+    """`_decode_program` in one pass over the chunk's visible keys in memory order, K and V row side by side:
+    for every query the scores of all heads, then each head's running max, exp-sum and exp-weighted sum of
+    values, rescaled by e^(old max - new max) at every key (exactly 1 where the max stays: no branch, so the
+    heads' softmax step vectorises). (Against separate score, exp and value passes: 0.16 ms less per token of
+    the bench model; against a rescale only when the max grows: 544 keys of 4 kv heads of 128 for 8 heads 171
+    against 183 us cold, 122 against 132 warm, of one kv head of 256 239 against 261 and 194 against 216 (minima
+    of 40 interleaved rounds, the Zen 1).) q [B, T, H, Dh], k/v [B, S, K, Dh], mask [B, T, S] bool."""
     T, H, Dh = q.shape[1], q.shape[2], q.shape[3]
     S, G, C = k.shape[1], H // k.shape[2], part_m.shape[1]
     b, c = pid // C, pid % C
@@ -840,6 +870,108 @@ def _decode_program(q, k, v, mask, chunk, part_m, part_l, part_acc, pid):
                 a, vh, rh, eh = acc[t, h], v[b, j, h // G], r[h], e[h]
                 for i in range(Dh):
                     a[i] = a[i] * rh + eh * vh[i]
+
+
+@nb.njit(fastmath=FM, error_model="numpy", cache=True)
+def _scores(q, k, b, t, keys, n, w):
+    """w[jj, h] = q[b, t, h] . k[b, keys[jj], h // G] for jj < n, two keys at a time (keys[n] a valid key
+    where n is odd; row n of w is then written too), and where G is even two heads of one kv head with
+    them: four products per load of two key rows and two query rows. q [B, T, H, Dh], k [B, S, K, Dh],
+    keys int64 [n + 1], w [n + 1, H]."""
+    H, Dh = q.shape[2], q.shape[3]
+    G = H // k.shape[2]
+    for jj in range(0, n, 2):
+        j0, j1 = keys[jj], keys[jj + 1]
+        if G % 2 == 0:
+            for h in range(0, H, 2):
+                k0, k1, qa, qb = k[b, j0, h // G], k[b, j1, h // G], q[b, t, h], q[b, t, h + 1]
+                s0a = s0b = s1a = s1b = np.float32(0.0)
+                for i in range(Dh):
+                    s0a += qa[i] * k0[i]
+                    s0b += qb[i] * k0[i]
+                    s1a += qa[i] * k1[i]
+                    s1b += qb[i] * k1[i]
+                w[jj, h], w[jj, h + 1], w[jj + 1, h], w[jj + 1, h + 1] = s0a, s0b, s1a, s1b
+        else:
+            for h in range(H):
+                k0, k1, qa = k[b, j0, h // G], k[b, j1, h // G], q[b, t, h]
+                s0a = s1a = np.float32(0.0)
+                for i in range(Dh):
+                    s0a += qa[i] * k0[i]
+                    s1a += qa[i] * k1[i]
+                w[jj, h], w[jj + 1, h] = s0a, s1a
+
+
+@nb.njit(fastmath=FM, error_model="numpy", cache=True)
+def _weighted_rows(v, b, kh, keys, n, w, h, h2, out, out2):
+    """out[i] += sum over jj < n of w[jj, h] v[b, keys[jj], kh, i], and out2 the same with w[:, h2] (two
+    heads of kv head kh; h2 may be h). VALUE_COLUMNS columns at a time, their sums in registers
+    (`_value_sums`) while every key's row adds to both: per key, one load of the row's columns for two
+    multiply-adds, where sums in memory would be loaded and stored at every key too.
+    v [B, S, K, Dh], keys int64 [>= n], w [>= n, H], out/out2 [Dh]."""
+    Dh = out.shape[0]
+    sums = nb.carray(_value_sums(), 2 * VALUE_COLUMNS)
+    i0 = 0
+    while i0 + VALUE_COLUMNS <= Dh:
+        for i in range(VALUE_COLUMNS):
+            sums[i] = out[i0 + i]
+            sums[VALUE_COLUMNS + i] = out2[i0 + i]
+        for jj in range(n):
+            row, wa, wb = v[b, keys[jj], kh], w[jj, h], w[jj, h2]
+            for i in range(VALUE_COLUMNS):
+                sums[i] += wa * row[i0 + i]
+                sums[VALUE_COLUMNS + i] += wb * row[i0 + i]
+        for i in range(VALUE_COLUMNS):
+            out[i0 + i] = sums[i]
+            out2[i0 + i] = sums[VALUE_COLUMNS + i]
+        i0 += VALUE_COLUMNS
+    for i in range(i0, Dh):  # a head width that is not a multiple of VALUE_COLUMNS
+        sa, sb = out[i], out2[i]
+        for jj in range(n):
+            sa += w[jj, h] * v[b, keys[jj], kh, i]
+            sb += w[jj, h2] * v[b, keys[jj], kh, i]
+        out[i], out2[i] = sa, sb
+
+
+@nb.njit(fastmath=FM, error_model="numpy", cache=True)
+def _decode_two_pass(q, k, v, mask, chunk, part_m, part_l, part_acc, pid):
+    """`_decode_program` in two passes over the chunk's visible keys: every head's scores first
+    (`_scores`), so each head's maximum is known before any exp and nothing is rescaled, then the value rows
+    weighted by e^(score - m), VALUE_KEYS keys at a time for every pair of heads (`_weighted_rows`). A
+    chunk's scores fit in the L1 cache (~S / 4 keys x H). Alone on one core, one kv head of 256 serving 8
+    heads over 560 keys warm: 863 against `_decode_per_key`'s 1332 cycles a key; 4 kv heads of 128
+    serving 2 each: 588 against 818, but slower from memory, where K and V read in separate stretches
+    leave too little arithmetic to cover the loads (fast/PERFORMANCE.md)."""
+    T, H = q.shape[1], q.shape[2]
+    S, C = k.shape[1], part_m.shape[1]
+    G = H // k.shape[2]
+    b, c = pid // C, pid % C
+    s0, s1 = c * chunk, min(S, c * chunk + chunk)
+    keys = np.empty(max(s1 - s0, 1) + 1, np.int64)  # a query's visible keys (+ a partner for an odd count)
+    w = np.empty((max(s1 - s0, 1) + 1, H), np.float32)  # their scores, then e^(score - m)
+    pair = 2 if G % 2 == 0 else 1  # heads whose value sums go together: two of one kv head where G is even
+    for t in range(T):
+        m, den, acc = part_m[b, c, t], part_l[b, c, t], part_acc[b, c, t]
+        n = 0
+        for j in range(s0, s1):
+            if mask[b, t, j]:
+                keys[n] = j
+                n += 1
+        keys[n] = keys[n - 1] if n else s0
+        _scores(q, k, b, t, keys, n, w)
+        m[:], den[:], acc[:] = -np.inf, 0, 0
+        for jj in range(n):
+            for h in range(H):
+                m[h] = max(m[h], w[jj, h])
+        for jj in range(n):
+            for h in range(H):
+                e = exp32(w[jj, h] - m[h])
+                w[jj, h] = e
+                den[h] += e
+        for j0 in range(0, n, VALUE_KEYS):
+            for h in range(0, H, pair):
+                _weighted_rows(v, b, h // G, keys[j0:], min(VALUE_KEYS, n - j0), w[j0:], h, h + pair - 1,
+                               acc[h], acc[h + pair - 1])
 
 
 @nb.njit(fastmath=FM, cache=True)

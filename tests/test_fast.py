@@ -369,6 +369,31 @@ def test_gelu_splits_large_arrays_over_threads_with_the_same_numbers(monkeypatch
 
 
 @SETTINGS
+@given(group=st.sampled_from([4, 5, 8]), kv=st.sampled_from([1, 2]), dh=st.sampled_from([17, 32, 40, 64]),
+       t=st.integers(1, 3), past=st.integers(0, 150), window=st.integers(1, 120), kind=st.sampled_from([FULL, SLIDING]),
+       pad=st.integers(0, 4), key_tile=st.integers(1, 160), seed=st.integers(0, 999))
+def test_decode_attention_in_two_passes_matches_ref(group, kv, dh, t, past, window, kind, pad, key_tile, seed):
+    """Where a kv head serves TWO_PASS_GROUP or more query heads, a decode program takes two passes
+    (cpu._decode_two_pass). Called directly and through decode_attention: value sums held over VALUE_COLUMNS
+    columns and a ragged rest, key blocks of VALUE_KEYS and a partial one, odd counts of visible keys, odd
+    groups (one head per pass), chunks that see no key."""
+    assert group >= cpu.TWO_PASS_GROUP
+    q, k, v, spec = attention_case(2, t, past, (group * kv, kv), dh, window, kind, None, pad, seed)
+    want = REF.attention(q, k, v, spec)
+    for parallel in (False, True):
+        close(cpu.decode_attention(q, k, v, spec, key_tile, parallel), want)
+    S, H = k.shape[1], group * kv
+    C = -(-S // key_tile)
+    parts = (np.empty((2, C, t, H), np.float32), np.empty((2, C, t, H), np.float32),
+             np.empty((2, C, t, H, dh), np.float32))
+    for pid in range(2 * C):
+        cpu._decode_two_pass(q, k, v, np.ascontiguousarray(spec.dense()), key_tile, *parts, pid)
+    got = np.empty_like(q)
+    cpu._combine(v, *parts, got)
+    close(got, want)
+
+
+@SETTINGS
 @given(**attention_strategies())
 def test_attention_matches_ref_for_every_mask(t, past, heads, dh, window, kind, bidir, pad, tile, key_tile, seed):
     q, k, v, spec = attention_case(2, t, past, heads, dh, window, kind, bidir, pad, seed)
