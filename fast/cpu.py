@@ -937,11 +937,11 @@ def _weighted_rows(v, b, kh, keys, n, w, h, h2, out, out2):
 def _decode_two_pass(q, k, v, mask, chunk, part_m, part_l, part_acc, pid):
     """`_decode_program` in two passes over the chunk's visible keys: every head's scores first
     (`_scores`), so each head's maximum is known before any exp and nothing is rescaled, then the value rows
-    weighted by e^(score - m), VALUE_KEYS keys at a time for every pair of heads (`_weighted_rows`). A
-    chunk's scores fit in the L1 cache (~S / 4 keys x H). Alone on one core, one kv head of 256 serving 8
-    heads over 560 keys warm: 863 against `_decode_per_key`'s 1332 cycles a key; 4 kv heads of 128
-    serving 2 each: 588 against 818, but slower from memory, where K and V read in separate stretches
-    leave too little arithmetic to cover the loads (fast/PERFORMANCE.md)."""
+    weighted by e^(score - m), VALUE_KEYS keys at a time for every pair of heads (`_weighted_rows`; an odd
+    group sums each head twice, h2 = h). A chunk's scores are ~S / 4 keys x H floats. Alone on one core
+    (560 keys, warm, at 2 GHz), one kv head of 256 serving 8 heads: 692 against `_decode_per_key`'s 1307
+    cycles a key; 4 kv heads of 128 serving 2 each: 500 against 810, but slower from memory, where K and V
+    read in separate stretches leave too little arithmetic to cover the loads (fast/PERFORMANCE.md)."""
     T, H = q.shape[1], q.shape[2]
     S, C = k.shape[1], part_m.shape[1]
     G = H // k.shape[2]
