@@ -72,12 +72,14 @@ class CpuModel(_StepLogits, Model):
         return super().run_decoder(x, positions, key_ok, block, cache, trace, last_only)
 
     def compile(self) -> float:
-        """Compile (or load from Numba's cache) every kernel now -> seconds it took."""
+        """Compile (or load from Numba's cache) every kernel now, and choose the prefill's BLAS (its products
+        timed: cpu.choose_blas) -> seconds it took."""
         from .prefill import compile_prefill
         from .step import compile_step
 
         t0 = time.perf_counter()
         self._cpu.compile_kernels()
+        self._cpu.choose_blas()
         compile_prefill()
         compile_step()
         return time.perf_counter() - t0

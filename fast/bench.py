@@ -134,19 +134,41 @@ def prefill_flops(hf: dict, tokens: int, last_only: bool = True) -> int:
 
 # ---- machine limits -----------------------------------------------------------------------------
 
+def blas_libraries() -> tuple[str, ...]:
+    """The float32 BLAS libraries fast can run its prefill's products in here (fast.cpu.f32_product): numpy's
+    OpenBLAS, and Intel's MKL where it is installed. The CPU limits are the best of them."""
+    from fast import cpu, mkl
+
+    return cpu.BLAS_LIBRARIES if mkl.LIB is not None else ("openblas",)
+
+
+def _best_product_seconds(a: np.ndarray, b: np.ndarray, repeats: int, layouts: bool = False) -> float:
+    """Seconds of the fastest a @ b (float32, every core) over `blas_libraries()` and, with `layouts`, also
+    the token-minor layout (b^T @ a^T, transposes made beforehand, not timed)."""
+    from fast.cpu import f32_product
+
+    calls = [(a, b, False)] + ([(np.ascontiguousarray(b.T), np.ascontiguousarray(a.T), False)] if layouts else [])
+    best = float("inf")
+    for x, y, t in calls:
+        out = np.empty((x.shape[0], y.shape[1]), np.float32)
+        for lib in blas_libraries():
+            f32_product(x, y, out, t, library=lib)
+            best = min(best, min(_timed(lambda: f32_product(x, y, out, t, library=lib)) for _ in range(repeats)))
+    return best
+
+
 def sgemm_peak(n: int = 2048, repeats: int = 3) -> float:
-    """float32 GEMM GFLOP/s through numpy's BLAS (all cores)."""
+    """float32 GEMM GFLOP/s, all cores: the best of the BLAS libraries here (`blas_libraries`)."""
     a = np.random.default_rng(0).random((n, n), dtype=np.float32)
-    a @ a
-    best = min(_timed(lambda: a @ a) for _ in range(repeats))
-    return 2 * n**3 / best / 1e9
+    return 2 * n**3 / _best_product_seconds(a, a, repeats) / 1e9
 
 
 def gemm_bound(hf: dict, tokens: int, repeats: int = 3) -> float:
-    """Seconds numpy's BLAS needs for the prefill's own GEMMs (every decoder matrix [Out, In] on the
-    [rows, In] that `prefill_rows` gives it, weights already float32), each the faster of its two layouts,
-    x @ w^T and the token-minor w @ x^T that fast.cpu.matmul_t uses: the limit a float32 prefill can reach
-    at these shapes, which are smaller than the square sgemm above and run below its peak."""
+    """Seconds the BLAS libraries here (`blas_libraries`) need for the prefill's own GEMMs (every decoder
+    matrix [Out, In] on the [rows, In] that `prefill_rows` gives it, weights already float32), each the fastest
+    of its two layouts, x @ w^T and the token-minor w @ x^T that fast.cpu.matmul_t uses, in either library:
+    the limit a float32 prefill can reach at these shapes, which are smaller than the square sgemm above and
+    run below its peak."""
     shapes = expected_shapes(from_hf_dict(hf))
     rng = np.random.default_rng(0)
     per_shape, total = {}, 0.0
@@ -157,10 +179,7 @@ def gemm_bound(hf: dict, tokens: int, repeats: int = 3) -> float:
         if (shape, rows) not in per_shape:
             w = rng.random(shape, dtype=np.float32)
             x = rng.random((rows, shape[1]), dtype=np.float32)
-            xT = np.ascontiguousarray(x.T)
-            x @ w.T, w @ xT
-            per_shape[shape, rows] = min(min(_timed(lambda: x @ w.T), _timed(lambda: w @ xT))
-                                         for _ in range(repeats))
+            per_shape[shape, rows] = _best_product_seconds(x, np.ascontiguousarray(w.T), repeats, layouts=True)
         total += per_shape[shape, rows]
     return total
 
@@ -232,6 +251,19 @@ def gpu_read_bandwidth(nbytes: int = 1 << 31, repeats: int = 5) -> float:
         torch.cuda.synchronize()
 
     return nbytes / min(_timed(run) for _ in range(repeats)) / 1e9
+
+
+def blas_choice() -> str:
+    """What fast.cpu.choose_blas picked and why, in words."""
+    from fast import cpu, mkl
+
+    name = {"openblas": "numpy's OpenBLAS", "mkl": "Intel's MKL"}[cpu.choose_blas()]
+    if mkl.LIB is None:
+        return f"{name} (MKL is not installed)"
+    speeds = cpu.BLAS_SPEEDS
+    if not speeds:
+        return f"{name} (FAST_BLAS={os.environ.get('FAST_BLAS')})"
+    return f"{name} ({', '.join(f'{k} {v:.0f}' for k, v in speeds.items())} GFLOP/s at {cpu.CHOICE_SHAPE} here)"
 
 
 def _timed(f) -> float:
@@ -325,8 +357,8 @@ BACKENDS = ("hf-f32", "hf-bf16", "ref", "fast", "fast-gpu")  # the names --skip 
 
 def parse_args(argv=None) -> argparse.Namespace:
     """The command line, checked before a minute of benchmarking is spent: counts at least 1, backends
-    by name, the prompt and decoded tokens within the model's positions, --json's folder there. A bad one
-    raises ref.errors.UsageError."""
+    by name, the prompt and decoded tokens within the model's positions, --json's folder there, and fast's
+    $FAST_BLAS (fast.cpu.requested_blas). A bad one raises ref.errors.UsageError."""
     ap = OneLineParser(prog="python -m fast.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--prompt", type=positive_int, default=512, metavar="N", help="prompt tokens (default 512)")
     ap.add_argument("--decode", type=positive_int, default=32, metavar="N",
@@ -349,6 +381,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                          f"positions; the bench model has {BENCH_POSITIONS}")
     if args.json is not None and not (args.json.parent.is_dir() and os.access(args.json.parent, os.W_OK)):
         raise UsageError(f"--json: {args.json.parent} is not a folder this process can write {args.json.name} in")
+    if "fast" not in args.skip:
+        from fast.cpu import requested_blas
+
+        try:
+            requested_blas()
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     return args
 
 
@@ -410,6 +449,7 @@ def main(argv=None) -> int:
 
             model = fast.load_model(path)
             print(f"fast: kernels compiled (or loaded from Numba's cache) in {model.compile():.1f} s, not counted")
+            print(f"fast: prefill products in {blas_choice()}")
             record("fast (numba, cpu)", *run_ours(model, ids, args.decode, args.repeats,
                                                   own_weight_buffers(model, hf_cfg)), 2)
         if have_torch and torch.cuda.is_available():
@@ -433,6 +473,7 @@ def main(argv=None) -> int:
         for r in rows:
             r["prefill_of_gemm"] = bound / r.pop("prefill_s") if r["cpu"] else float("nan")
         print(f"the prefill's own GEMMs alone take {bound * 1e3:.0f} ms in float32 BLAS "
+              f"(the fastest of {', '.join(blas_libraries())}) "
               f"({2 * (weights - head) * args.prompt / bound / 1e9:.0f} GFLOP/s at these shapes; the faster of a "
               f"reading before and after the runs)")
 
@@ -450,8 +491,8 @@ def main(argv=None) -> int:
     print("x best HF: speed relative to the fastest HF mode in this run (>1 is faster); of peak: prefill FLOP/s "
           "(the work a prefill for generation needs: decoder matrices and attention over the visible pairs, "
           "the head and the last layer's query side, which only the last token's logits read, on that token "
-          "alone) over the 2048^3 sgemm peak; of GEMMs: the float32 BLAS time of those GEMMs over the prefill "
-          "time; "
+          "alone) over the 2048^3 sgemm peak (the best BLAS here); of GEMMs: the float32 BLAS time of those "
+          "GEMMs over the prefill time; "
           "of bw: weight bytes per token over the read bandwidth; peak (GFLOP/s), bw (GB/s): the limits read "
           "right before and after that row's timed calls, the better of each, bw the best of 1 GB probes "
           "and a read of the backend's own weight buffers (own, GB/s), which a host may place in faster or "

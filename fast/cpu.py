@@ -19,6 +19,7 @@ import mmap
 import os
 import platform
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,6 +33,8 @@ from ref.config import SLIDING
 from ref.decoder import KVCache, Kernels
 from ref.masks import MaskSpec
 from ref.safetensors_io import Bf16, to_f32
+
+from . import mkl
 
 
 FM = {"reassoc", "contract"}  # reassociate sums (vectorised reductions), allow fused multiply-add
@@ -464,7 +467,7 @@ def _product(x2: np.ndarray, xT: np.ndarray | None, w) -> np.ndarray:
         return _gemv(x2, (w.bits,))
     if xT is not None:
         return transpose(matmul_t(w, xT))
-    return _upcast_product(w.bits, 1, M, lambda f32, out: np.matmul(x2, f32.T, out=out))
+    return _upcast_product(w.bits, 1, M, lambda f32, out: f32_product(x2, f32, out, b_transposed=True))
 
 
 def matmul_t(w, xT: np.ndarray) -> np.ndarray:
@@ -475,21 +478,76 @@ def matmul_t(w, xT: np.ndarray) -> np.ndarray:
     10-20 % at 32-128, none at 1000 (measured in the model, interleaved)."""
     if not isinstance(w, Bf16):
         return np.asarray(w, np.float32) @ xT
-    return _upcast_product(w.bits, 0, xT.shape[1], lambda f32, out: np.matmul(f32, xT, out=out))
+    return _upcast_product(w.bits, 0, xT.shape[1], lambda f32, out: f32_product(f32, xT, out))
 
 
 def _upcast_product(bits: np.ndarray, axis: int, M: int, product) -> np.ndarray:
-    """bits [Out, In] bf16 -> product(w, out) over the weights w upcast exactly to float32 (`_upcast_blocks`):
-    one call with out=None where the whole matrix fits the scratch, else one per block of rows, each
-    into its slice of a [M, Out] (axis 1) or [Out, M] (axis 0) result."""
-    out = None
+    """bits [Out, In] bf16 -> a [M, Out] (axis 1) or [Out, M] (axis 0) float32 result, filled by
+    product(w, out) over the weights w upcast exactly to float32 (`_upcast_blocks`): one call where the
+    whole matrix fits the scratch, else one per block of rows, each into its slice of the result."""
+    out = np.empty((M, bits.shape[0]) if axis else (bits.shape[0], M), np.float32)
     for lo, hi, f32 in _upcast_blocks(bits):
-        if hi - lo == bits.shape[0]:
-            return product(f32, None)
-        if out is None:
-            out = np.empty((M, bits.shape[0]) if axis else (bits.shape[0], M), np.float32)
         product(f32, out[:, lo:hi] if axis else out[lo:hi])
     return out
+
+
+# ---- which BLAS runs the prefill's products: numpy's OpenBLAS or Intel's MKL (fast/mkl.py) ----------
+
+BLAS_LIBRARIES = ("openblas", "mkl")
+BLAS = [None]  # the library `f32_product` uses, chosen by `choose_blas` at the first product
+BLAS_SPEEDS: dict = {}  # library -> GFLOP/s that `choose_blas` measured (empty where it measured nothing)
+CHOICE_SHAPE = (1024, 1024, 512)  # M, K, N of the product `choose_blas` times: the bench model's q, 512 tokens
+CHOICE_ROUNDS = 7
+
+
+def f32_product(a: np.ndarray, b: np.ndarray, out: np.ndarray, b_transposed: bool = False,
+                library: str | None = None) -> None:
+    """out [M, N] = a [M, K] @ b [K, N] (b_transposed: a @ b^T for b [N, K]), float32, rows contiguous, in
+    `library` (default: the chosen one, `choose_blas`). numpy's OpenBLAS threads itself; MKL runs a
+    single-threaded call per core on a share of a's rows (`on_every_core`), so no second pool spins."""
+    if (library or choose_blas()) == "openblas":
+        np.matmul(a, b.T if b_transposed else b, out=out)
+        return
+    on_every_core(a.shape[0], lambda lo, hi: mkl.sgemm(a[lo:hi], b, out[lo:hi], b_transposed))
+
+
+def choose_blas() -> str:
+    """The library for the prefill's products, chosen once per process: $FAST_BLAS where set (openblas or
+    mkl), numpy's OpenBLAS where MKL is not installed, else whichever ran a CHOICE_SHAPE product faster here
+    (the best of CHOICE_ROUNDS alternated calls each, into BLAS_SPEEDS: other work on the machine only slows
+    a call, so the best is each library undisturbed; ~0.1 s on the Ice Lake). Which is faster depends on the
+    CPU: MKL by ~15 % on an Intel Xeon (Ice Lake), OpenBLAS on the AMD hosts measured before."""
+    if BLAS[0] is None:
+        BLAS[0] = requested_blas() or ("openblas" if mkl.LIB is None else _faster_blas())
+    return BLAS[0]
+
+
+def requested_blas() -> str | None:
+    """The library $FAST_BLAS asks for, or None where it is unset or empty; ValueError, naming the problem,
+    for a name other than BLAS_LIBRARIES' or for mkl where MKL is not installed."""
+    wanted = os.environ.get("FAST_BLAS", "").strip()
+    if wanted and wanted not in BLAS_LIBRARIES:
+        raise ValueError(f"FAST_BLAS={wanted!r}: expected one of {', '.join(BLAS_LIBRARIES)}")
+    if wanted == "mkl" and mkl.LIB is None:
+        raise ValueError("FAST_BLAS=mkl, but MKL (libmkl_rt) is not installed here: pip install mkl")
+    return wanted or None
+
+
+def _faster_blas() -> str:
+    """Time both libraries on CHOICE_SHAPE, alternated -> the faster one's name (BLAS_SPEEDS keeps both)."""
+    M, K, N = CHOICE_SHAPE
+    rng = np.random.default_rng(0)
+    a, b, out = rng.random((M, K), np.float32), rng.random((K, N), np.float32), np.empty((M, N), np.float32)
+    seconds = {name: [] for name in BLAS_LIBRARIES}
+    for r in range(CHOICE_ROUNDS + 1):
+        for name in BLAS_LIBRARIES:
+            t0 = time.perf_counter()
+            f32_product(a, b, out, library=name)
+            if r:  # the first round warms each up
+                seconds[name].append(time.perf_counter() - t0)
+    for name, s in seconds.items():
+        BLAS_SPEEDS[name] = 2 * M * K * N / min(s) / 1e9
+    return max(BLAS_LIBRARIES, key=BLAS_SPEEDS.get)
 
 
 @nb.njit(cache=True)

@@ -1,0 +1,146 @@
+"""The prefill's float32 products in either BLAS library (fast.cpu.f32_product: numpy's OpenBLAS, or Intel's
+MKL through fast/mkl.py), and the choice between them (fast.cpu.choose_blas)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("numba", reason="the fast extra (numba) is not installed")
+
+import fast  # noqa: E402
+import ref  # noqa: E402
+from fast import bench, cpu, mkl  # noqa: E402
+from ref.config import tiny_hf_dict  # noqa: E402
+from ref.tiny import random_tensors, write_checkpoint  # noqa: E402
+
+NEEDS_MKL = pytest.mark.skipif(mkl.LIB is None, reason="MKL is not installed here (the fast extra installs it on "
+                                                      "x86-64 Linux: pip install mkl)")
+LIBRARIES = [pytest.param(name, marks=[NEEDS_MKL] if name == "mkl" else []) for name in cpu.BLAS_LIBRARIES]
+U = 2.0**-24  # float32's unit roundoff
+
+
+def _within_gemm_bound(got: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+    """got = a @ b in float32, in any order of the sums: |got - exact| <= gamma_K (|a| @ |b|) elementwise,
+    gamma_K = K u / (1 - K u) (each of a dot product's K products and K - 1 additions rounds once; fused
+    multiply-adds only round less). exact in float64, whose own error is far below this."""
+    K = a.shape[1]
+    exact = a.astype(np.float64) @ b.astype(np.float64)
+    bound = K * U / (1 - K * U) * (np.abs(a).astype(np.float64) @ np.abs(b).astype(np.float64))
+    excess = np.abs(got - exact) - bound
+    assert excess.max(initial=0) <= 0, f"off by {excess.max():.3g} beyond the bound"
+
+
+@pytest.mark.parametrize("library", LIBRARIES)
+@settings(deadline=None, max_examples=30)
+@given(m=st.integers(1, 70), k=st.integers(0, 70), n=st.integers(1, 70), transposed=st.booleans(),
+       pad=st.integers(0, 5), seed=st.integers(0, 999))
+def test_f32_product_is_a_float32_product_in_each_library(library, m, k, n, transposed, pad, seed):
+    """Every shape, the weights' side given as is or transposed (x @ w^T), the output a slice of a wider
+    array (rows `pad` floats longer, as `_upcast_product` writes blocks of columns): within the float32
+    bound of the exact product, and nothing outside the slice written. MKL splits the rows over threads."""
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(m, k)).astype(np.float32)
+    b = rng.normal(size=(k, n)).astype(np.float32)
+    wide = np.full((m, n + pad), 7.0, np.float32)
+    cpu.f32_product(a, np.ascontiguousarray(b.T) if transposed else b, wide[:, :n], transposed, library=library)
+    _within_gemm_bound(wide[:, :n], a, b)
+    assert (wide[:, n:] == 7.0).all()
+
+
+@NEEDS_MKL
+@pytest.mark.parametrize("bad", ["float64", "columns", "shape"])
+def test_mkl_sgemm_refuses_what_it_cannot_read(bad):
+    """A float64 matrix, one whose columns are not contiguous, or mismatched sizes: a ValueError, before
+    MKL reads any memory."""
+    a, b, out = np.ones((4, 3), np.float32), np.ones((3, 5), np.float32), np.empty((4, 5), np.float32)
+    if bad == "float64":
+        a = a.astype(np.float64)
+    elif bad == "columns":
+        b = np.ones((5, 3), np.float32).T
+    else:
+        out = np.empty((4, 6), np.float32)
+    with pytest.raises(ValueError, match="sgemm"):
+        mkl.sgemm(a, b, out)
+
+
+def _model_pair(tmp_path):
+    hf = tiny_hf_dict(num_hidden_layers=3, layer_types=["sliding_attention", "sliding_attention", "full_attention"])
+    d = write_checkpoint(tmp_path / "m", hf, random_tensors(hf, 3, "BF16"))
+    return fast.load_model(d), ref.load_model(d)
+
+
+@pytest.mark.parametrize("library", LIBRARIES)
+def test_prompts_give_refs_logits_with_either_library(tmp_path, monkeypatch, library):
+    """Prompts of 40 tokens (token-minor products) and TOKEN_MINOR_MAX_M + 20 (the plain x @ w^T) with the
+    library forced: ref's logits within 1e-5, and the products ran in that library."""
+    monkeypatch.setattr(cpu, "BLAS", [library])
+    calls = []
+    real = mkl.sgemm
+    monkeypatch.setattr(mkl, "sgemm", lambda *a: (calls.append(a[0].shape), real(*a))[1])
+    model, peer = _model_pair(tmp_path)
+    for t in (40, cpu.TOKEN_MINOR_MAX_M + 20):
+        ids = (np.arange(t)[None] * 7) % 390 + 3
+        got, want = model.forward(ids)[0], peer.forward(ids)[0]
+        err = float(np.abs(got - want).max() / np.abs(want).max())
+        assert err <= 1e-5, f"{t} tokens: relative error {err:.2e}"
+    assert bool(calls) == (library == "mkl")
+
+
+def test_fast_blas_forces_a_library_without_timing(monkeypatch):
+    monkeypatch.setattr(cpu, "BLAS", [None])
+    monkeypatch.setattr(cpu, "_faster_blas", lambda: pytest.fail("timed although FAST_BLAS chose"))
+    monkeypatch.setenv("FAST_BLAS", "openblas")
+    assert cpu.choose_blas() == "openblas" and cpu.BLAS == ["openblas"]
+
+
+@pytest.mark.parametrize("value, says", [("OpenBLAS", "expected one of openblas, mkl"),
+                                         ("acml", "expected one of openblas, mkl"),
+                                         ("mkl", "not installed here")])
+def test_a_bad_fast_blas_is_refused_with_its_reason(monkeypatch, capsys, value, says):
+    """A name fast does not know (names are lower case), or mkl where MKL is absent: ValueError from the
+    choice, and fast.bench refuses its command line in one line before it measures anything."""
+    monkeypatch.setattr(mkl, "LIB", None)
+    monkeypatch.setattr(cpu, "BLAS", [None])
+    monkeypatch.setenv("FAST_BLAS", value)
+    with pytest.raises(ValueError, match=says):
+        cpu.choose_blas()
+    assert bench.main(["--repeats", "1"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and says in err
+
+
+def test_without_mkl_the_products_stay_in_openblas(monkeypatch):
+    monkeypatch.delenv("FAST_BLAS", raising=False)
+    monkeypatch.setattr(mkl, "LIB", None)
+    monkeypatch.setattr(cpu, "BLAS", [None])
+    monkeypatch.setattr(cpu, "_faster_blas", lambda: pytest.fail("timed without MKL"))
+    assert cpu.choose_blas() == "openblas"
+
+
+@pytest.mark.parametrize("slow", ["openblas", "mkl"])
+def test_the_choice_takes_the_library_that_ran_faster(monkeypatch, slow):
+    """With MKL present and no FAST_BLAS, each library is timed (a stand-in that sleeps 5 ms in `slow`):
+    the other one is chosen, both speeds are kept, and the choice holds for the process (no second timing)."""
+    monkeypatch.delenv("FAST_BLAS", raising=False)
+    monkeypatch.setattr(mkl, "LIB", object())
+    monkeypatch.setattr(cpu, "BLAS", [None])
+    monkeypatch.setattr(cpu, "BLAS_SPEEDS", {})
+    monkeypatch.setattr(cpu, "CHOICE_SHAPE", (8, 8, 8))
+    timed = []
+
+    def product(a, b, out, b_transposed=False, library=None):
+        timed.append(library)
+        time.sleep(0.005 if library == slow else 0.0)
+
+    monkeypatch.setattr(cpu, "f32_product", product)
+    other = next(n for n in cpu.BLAS_LIBRARIES if n != slow)
+    assert cpu.choose_blas() == other
+    assert set(cpu.BLAS_SPEEDS) == set(cpu.BLAS_LIBRARIES) and cpu.BLAS_SPEEDS[other] > cpu.BLAS_SPEEDS[slow]
+    assert sorted(timed) == sorted(list(cpu.BLAS_LIBRARIES) * (cpu.CHOICE_ROUNDS + 1))
+    cpu.choose_blas()
+    assert len(timed) == 2 * (cpu.CHOICE_ROUNDS + 1)
