@@ -3,7 +3,8 @@
 Weights stay as stored: a bf16 matrix is read as its uint16 bits and upcast exactly inside the kernel
 (`bits << 16` is the float32 value), so decoding streams half the bytes of a float32 model while every
 product and sum is float32. Prefill GEMMs upcast a block of weight rows into a scratch buffer and call
-BLAS, which beats a Numba GEMM at every size we measured (fast/bench.py); up to TOKEN_MINOR_MAX_M rows
+BLAS (numpy's OpenBLAS or Intel's MKL, whichever runs faster here: `choose_blas`), which beats a Numba GEMM
+at every size we measured (fast/bench.py); up to TOKEN_MINOR_MAX_M rows
 they compute w @ x^T, the layout numpy's OpenBLAS runs fastest here (`matmul_t`). Decode (few rows of x)
 uses a Numba GEMV that reads each weight once for all rows, and the projections of one input (q, k, v;
 gate, up) in one pass.
