@@ -134,18 +134,11 @@ def prefill_flops(hf: dict, tokens: int, last_only: bool = True) -> int:
 
 # ---- machine limits -----------------------------------------------------------------------------
 
-def blas_libraries() -> tuple[str, ...]:
-    """The float32 BLAS libraries fast can run its prefill's products in here (fast.cpu.f32_product): numpy's
-    OpenBLAS, and Intel's MKL where it is installed. The CPU limits are the best of them."""
-    from fast import cpu, mkl
-
-    return cpu.BLAS_LIBRARIES if mkl.LIB is not None else ("openblas",)
-
-
 def _best_product_seconds(a: np.ndarray, b: np.ndarray, repeats: int, layouts: bool = False) -> float:
-    """Seconds of the fastest a @ b (float32, every core) over `blas_libraries()` and, with `layouts`, also
-    the token-minor layout (b^T @ a^T, transposes made beforehand, not timed)."""
-    from fast.cpu import f32_product
+    """Seconds of the fastest a @ b (float32, every core) over the BLAS libraries here
+    (fast.cpu.blas_libraries) and, with `layouts`, also the token-minor layout (b^T @ a^T, transposes made
+    beforehand, not timed). The CPU limits are the best of them."""
+    from fast.cpu import blas_libraries, f32_product
 
     calls = [(a, b, False)] + ([(np.ascontiguousarray(b.T), np.ascontiguousarray(a.T), False)] if layouts else [])
     best = float("inf")
@@ -158,13 +151,13 @@ def _best_product_seconds(a: np.ndarray, b: np.ndarray, repeats: int, layouts: b
 
 
 def sgemm_peak(n: int = 2048, repeats: int = 3) -> float:
-    """float32 GEMM GFLOP/s, all cores: the best of the BLAS libraries here (`blas_libraries`)."""
+    """float32 GEMM GFLOP/s, all cores: the best of the BLAS libraries here (`_best_product_seconds`)."""
     a = np.random.default_rng(0).random((n, n), dtype=np.float32)
     return 2 * n**3 / _best_product_seconds(a, a, repeats) / 1e9
 
 
 def gemm_bound(hf: dict, tokens: int, repeats: int = 3) -> float:
-    """Seconds the BLAS libraries here (`blas_libraries`) need for the prefill's own GEMMs (every decoder
+    """Seconds the BLAS libraries here (fast.cpu.blas_libraries) need for the prefill's own GEMMs (every decoder
     matrix [Out, In] on the [rows, In] that `prefill_rows` gives it, weights already float32), each the fastest
     of its two layouts, x @ w^T and the token-minor w @ x^T that fast.cpu.matmul_t uses, in either library:
     the limit a float32 prefill can reach at these shapes, which are smaller than the square sgemm above and
@@ -255,10 +248,10 @@ def gpu_read_bandwidth(nbytes: int = 1 << 31, repeats: int = 5) -> float:
 
 def blas_choice() -> str:
     """What fast.cpu.choose_blas picked and why, in words."""
-    from fast import cpu, mkl
+    from fast import cpu
 
     name = {"openblas": "numpy's OpenBLAS", "mkl": "Intel's MKL"}[cpu.choose_blas()]
-    if mkl.LIB is None:
+    if "mkl" not in cpu.blas_libraries():
         return f"{name} (MKL is not installed)"
     speeds = cpu.BLAS_SPEEDS
     if not speeds:
@@ -470,6 +463,7 @@ def main(argv=None) -> int:
                        2, gbw)
 
         bound = min(bound, gemm_bound(hf_cfg, args.prompt))  # again after the runs: the faster reading
+        from fast.cpu import blas_libraries
         for r in rows:
             r["prefill_of_gemm"] = bound / r.pop("prefill_s") if r["cpu"] else float("nan")
         print(f"the prefill's own GEMMs alone take {bound * 1e3:.0f} ms in float32 BLAS "

@@ -512,6 +512,11 @@ def f32_product(a: np.ndarray, b: np.ndarray, out: np.ndarray, b_transposed: boo
     on_every_core(a.shape[0], lambda lo, hi: mkl.sgemm(a[lo:hi], b, out[lo:hi], b_transposed))
 
 
+def blas_libraries() -> tuple[str, ...]:
+    """The libraries the prefill's products can run in here: numpy's OpenBLAS, and MKL where it is installed."""
+    return BLAS_LIBRARIES if mkl.LIB is not None else ("openblas",)
+
+
 def choose_blas() -> str:
     """The library for the prefill's products, chosen once per process: $FAST_BLAS where set (openblas or
     mkl), numpy's OpenBLAS where MKL is not installed, else whichever ran a CHOICE_SHAPE product faster here
@@ -519,7 +524,7 @@ def choose_blas() -> str:
     a call, so the best is each library undisturbed; ~0.1 s on the Ice Lake). Which is faster depends on the
     CPU: MKL by ~15 % on an Intel Xeon (Ice Lake), OpenBLAS on the AMD hosts measured before."""
     if BLAS[0] is None:
-        BLAS[0] = requested_blas() or ("openblas" if mkl.LIB is None else _faster_blas())
+        BLAS[0] = requested_blas() or (_faster_blas() if len(blas_libraries()) > 1 else "openblas")
     return BLAS[0]
 
 

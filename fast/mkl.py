@@ -12,7 +12,6 @@ between products), and it needs no OpenMP runtime in the process.
 from __future__ import annotations
 
 import ctypes
-import os
 import sys
 from pathlib import Path
 
@@ -24,11 +23,10 @@ INT32_MAX = 2**31 - 1  # the LP64 interface takes 32-bit sizes
 
 
 def _library_paths() -> list[Path]:
-    """Where libmkl_rt may be: $FAST_MKL_LIB, then the lib/ folders of this environment (the wheel puts its
-    libraries in <prefix>/lib)."""
-    named = os.environ.get("FAST_MKL_LIB")
+    """Where libmkl_rt may be: the lib/ folders of this environment (the wheel puts its libraries in
+    <prefix>/lib)."""
     folders = dict.fromkeys(Path(p) / "lib" for p in (sys.prefix, sys.base_prefix))
-    return ([Path(named)] if named else []) + [f / n for f in folders for n in ("libmkl_rt.so.3", "libmkl_rt.so.2")]
+    return [f / n for f in folders for n in ("libmkl_rt.so.3", "libmkl_rt.so.2")]
 
 
 def _open():
@@ -54,15 +52,6 @@ def _open():
 
 
 LIB = _open()
-
-
-def version() -> str | None:
-    """MKL's version line, or None where it is not loaded."""
-    if LIB is None:
-        return None
-    text = ctypes.create_string_buffer(256)
-    LIB.MKL_Get_Version_String(text, len(text))
-    return text.value.decode(errors="replace")
 
 
 def _row_stride(a: np.ndarray) -> int:
