@@ -4,12 +4,14 @@ A synthetic bf16 checkpoint (~160M parameters, Gemma 4 Unified layout, real laye
 32768) is written to a temp dir; every backend loads the same file. Prefill is the time to the first new
 token for a 512-token prompt, as tokens/s; decode is the time between two of the following 32 greedy
 tokens, as ms/token. Both come from the arrival times of the tokens within a `generate` call, after a
-warm-up call: prefill is the best of `--repeats` calls, decode the median gap over all of them. fast's
-compile time (Numba compiling, or loading its cache: `model.compile()`) is reported on its own line and
-never counted. The machine's limits are measured in the same run, right before and after each CPU
-backend's timed calls: float32 GEMM peak (the bound for prefill) and memory read bandwidth (decode must
-stream every weight once per token): the best of probes over fresh 1 GB buffers and a read of that
-backend's own weight buffers, the memory its decode streams.
+warm-up call: prefill is the best of `--repeats` calls, decode the median gap over all of them. The
+backends' calls are interleaved, one call of each per round (`measure`), so a phase of a shared host
+reaches all of them alike; each round's prefill ratios are printed under the table. fast's compile time
+(Numba compiling, or loading its cache: `model.compile()`) is reported on its own line and never counted.
+The machine's limits are measured in the same run, right before the first round and after the last:
+float32 GEMM peak (the bound for prefill) and memory read bandwidth (decode must stream every weight once
+per token): the best of probes over fresh 1 GB buffers and a read of each CPU backend's own weight
+buffers, the memory its decode streams.
 
 For numpy's OpenBLAS to use its best kernels, run it as
 `env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python -m fast.bench` where those are set.
@@ -24,7 +26,9 @@ import platform
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -279,26 +283,53 @@ def cpu_limits(buffers: list) -> tuple[float, float, float]:
     return sgemm_peak(), max(probe, own), own
 
 
-def _summary(once, repeats, buffers=None):
-    """`once() -> token arrival times` run `repeats` times -> (best time to the first token, median gap
-    between later tokens over every run, the CPU's limits, with `buffers`: the backend's own weights).
-    The median keeps a token that lost its core to another process on a shared machine from counting as
-    the backend's speed; the best prefill does the same. The limits are read right before and right after
-    these calls, and the better of each is kept: a shared host's bandwidth moved between 46 and 80 GB/s
-    within minutes, so a reading taken a minute away from a backend's run can put it above 100 %."""
-    before = cpu_limits(buffers) if buffers is not None else None
-    prefill, gaps = [], []
-    for _ in range(repeats):
-        t0, stamps = once()
-        if len(stamps) < 2:
-            raise RuntimeError(f"the run produced {len(stamps)} tokens; decode needs at least 2")
-        prefill.append(stamps[0] - t0)
-        gaps += list(np.diff(stamps))
-    limits = tuple(map(max, before, cpu_limits(buffers))) if buffers is not None else None
-    return min(prefill), float(np.median(gaps)), limits
+SETTLE_S = 0.2  # seconds left idle before each timed call (`measure`)
 
 
-def run_ours(model, ids, n_decode, repeats, buffers=None):
+@dataclass
+class Runner:
+    """One backend, loaded and warmed up: `once()` runs one timed `generate` call and returns (its start, the
+    arrival time of each new token); `buffers`, for a CPU backend, the weights its decode streams (its
+    own-memory limit), None on a GPU."""
+    name: str
+    once: Callable[[], tuple[float, list[float]]]
+    bytes_per_weight: int
+    buffers: list | None = None
+
+
+def round_order(runners: list, k: int) -> list:
+    """The order of round k: as given in even rounds, reversed in odd ones, so no backend always runs right
+    after the same one (and pairs given side by side stay side by side)."""
+    return list(runners) if k % 2 == 0 else list(reversed(runners))
+
+
+def measure(runners: list, repeats: int, limits=cpu_limits, settle: float = SETTLE_S) -> dict:
+    """Time the backends in `repeats` interleaved rounds, each a call of every backend (`round_order`), so
+    that all of them meet the same phases of a shared host: on the Ice Lake host the same product took
+    13.8-20.0 ms within one minute, and five runs of the same code, backends timed one after another (as
+    before the twenty-ninth session), put fast's prefill at 0.96-1.21x HF float32. `settle`
+    seconds pass before each call, untimed, so the thread pools of the backend before it (OpenBLAS's,
+    torch's, Numba's) stop spinning first. The CPU limits are read before the first round and after the
+    last (`limits(buffers)` per CPU backend; the better of each is kept).
+    -> {name: (per-round prefill seconds, decode gaps over every round, limits or None)}."""
+    before = {r.name: limits(r.buffers) for r in runners if r.buffers is not None}
+    prefill = {r.name: [] for r in runners}
+    gaps = {r.name: [] for r in runners}
+    for k in range(repeats):
+        for r in round_order(runners, k):
+            time.sleep(settle)
+            t0, stamps = r.once()
+            if len(stamps) < 2:
+                raise RuntimeError(f"{r.name}: the run produced {len(stamps)} tokens; decode needs at least 2")
+            prefill[r.name].append(stamps[0] - t0)
+            gaps[r.name] += list(np.diff(stamps))
+    after = {r.name: limits(r.buffers) for r in runners if r.buffers is not None}
+    return {r.name: (prefill[r.name], gaps[r.name],
+                     tuple(map(max, before[r.name], after[r.name])) if r.buffers is not None else None)
+            for r in runners}
+
+
+def ours(name, model, ids, n_decode, buffers=None) -> Runner:
     def once():
         stamps: list[float] = []
         t0 = time.perf_counter()
@@ -306,10 +337,10 @@ def run_ours(model, ids, n_decode, repeats, buffers=None):
         return t0, stamps
 
     model.generate(ids, max_new_tokens=2)  # warm-up
-    return _summary(once, repeats, buffers)
+    return Runner(name, once, 2, buffers)
 
 
-def run_hf(path, dtype, device, ids, n_decode, repeats, hf_cfg, attn="sdpa"):
+def hf_runner(name, path, dtype, device, ids, n_decode, hf_cfg, attn="sdpa") -> Runner:
     import torch
     from transformers import Gemma4UnifiedForConditionalGeneration
     from transformers.generation.streamers import BaseStreamer
@@ -342,10 +373,13 @@ def run_hf(path, dtype, device, ids, n_decode, repeats, hf_cfg, attn="sdpa"):
 
     with torch.no_grad():
         model.generate(x, max_new_tokens=2, min_new_tokens=2, do_sample=False)  # warm-up
-    return _summary(once, repeats, own_weight_buffers(model, hf_cfg) if device == "cpu" else None)
+    return Runner(name, once, 4 if dtype == torch.float32 else 2,
+                  own_weight_buffers(model, hf_cfg) if device == "cpu" else None)
 
 
 BACKENDS = ("hf-f32", "hf-bf16", "ref", "fast", "fast-gpu")  # the names --skip takes
+ROW_ORDER = ("HF transformers f32 (cpu)", "HF transformers bf16 (cpu)", "ref (numpy)", "fast (numba, cpu)",
+             "HF transformers bf16 (cuda, eager)", "fast (cupy + numba-cuda, gpu)")  # the table's rows
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -356,8 +390,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--prompt", type=positive_int, default=512, metavar="N", help="prompt tokens (default 512)")
     ap.add_argument("--decode", type=positive_int, default=32, metavar="N",
                     help="decoded tokens timed after the first (default 32)")
-    ap.add_argument("--repeats", type=positive_int, default=3, metavar="N",
-                    help="timed calls per backend; prefill is the best, decode the median gap (default 3)")
+    ap.add_argument("--repeats", type=positive_int, default=5, metavar="N",
+                    help="rounds, each one timed call per backend; prefill is the best, decode the median gap "
+                         "(default 5)")
     ap.add_argument("--layers", type=positive_int, metavar="N",
                     help="decoder layers (default: 8 for the bench model, 2 for --wide)")
     ap.add_argument("--wide", action="store_true",
@@ -402,7 +437,7 @@ def main(argv=None) -> int:
         print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
               f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}")
         print(f"checkpoint: {size / 1e6:.0f} MB bf16, {weights / 1e6:.0f}M parameters in matrices; "
-              f"prompt {args.prompt} tokens, {args.decode} decode tokens, best of {args.repeats}")
+              f"prompt {args.prompt} tokens, {args.decode} decode tokens, best of {args.repeats} rounds")
         try:
             import torch
 
@@ -417,41 +452,30 @@ def main(argv=None) -> int:
         bound = gemm_bound(hf_cfg, args.prompt)
         flops = prefill_flops(hf_cfg, args.prompt)
 
-        def record(name, prefill, decode, limits, bytes_per_weight, gpu_bw=None):
-            cpu = gpu_bw is None  # GPU rows: no CPU prefill limits; decode against the GPU's read bandwidth
-            peak, bw, own = limits if cpu else (float("nan"), gpu_bw, float("nan"))
-            rows.append({"backend": name, "cpu": cpu, "prefill_tok_s": args.prompt / prefill, "decode_ms": decode * 1e3,
-                         "peak_gflops": peak, "read_gbs": bw, "own_read_gbs": own,
-                         "prefill_of_peak": flops / prefill / 1e9 / peak,
-                         "prefill_s": prefill, "decode_of_bw": weights * bytes_per_weight / decode / 1e9 / bw})
-
-        if have_torch:
-            if "hf-f32" not in skip:
-                record("HF transformers f32 (cpu)", *run_hf(path, torch.float32, "cpu", ids, args.decode,
-                                                            args.repeats, hf_cfg), 4)
-            if "hf-bf16" not in skip:
-                record("HF transformers bf16 (cpu)", *run_hf(path, torch.bfloat16, "cpu", ids, args.decode,
-                                                             args.repeats, hf_cfg), 2)
+        runners, gpu_bw = [], None  # in round order: the pairs compared side by side (see `measure`)
         if "ref" not in skip:
             import ref
 
             model = ref.load_model(path)
-            record("ref (numpy)", *run_ours(model, ids, args.decode, args.repeats, own_weight_buffers(model, hf_cfg)), 2)
+            runners.append(ours("ref (numpy)", model, ids, args.decode, own_weight_buffers(model, hf_cfg)))
+        if have_torch:
+            for key, name, dtype in (("hf-bf16", "HF transformers bf16 (cpu)", torch.bfloat16),
+                                     ("hf-f32", "HF transformers f32 (cpu)", torch.float32)):
+                if key not in skip:
+                    runners.append(hf_runner(name, path, dtype, "cpu", ids, args.decode, hf_cfg))
         if "fast" not in skip:
             import fast
 
             model = fast.load_model(path)
             print(f"fast: kernels compiled (or loaded from Numba's cache) in {model.compile():.1f} s, not counted")
             print(f"fast: prefill products in {blas_choice()}")
-            record("fast (numba, cpu)", *run_ours(model, ids, args.decode, args.repeats,
-                                                  own_weight_buffers(model, hf_cfg)), 2)
+            runners.append(ours("fast (numba, cpu)", model, ids, args.decode, own_weight_buffers(model, hf_cfg)))
         if have_torch and torch.cuda.is_available():
-            gbw = gpu_read_bandwidth()
-            print(f"GPU: {torch.cuda.get_device_name()}, read bandwidth {gbw:.0f} GB/s (GPU rows' 'of bw')")
+            gpu_bw = gpu_read_bandwidth()
+            print(f"GPU: {torch.cuda.get_device_name()}, read bandwidth {gpu_bw:.0f} GB/s (GPU rows' 'of bw')")
             try:  # a peer that fails on this machine's transformers must not cost fast's own row
-                record("HF transformers bf16 (cuda, eager)",
-                       *run_hf(path, torch.bfloat16, "cuda", ids, args.decode, args.repeats, hf_cfg, attn="eager"),
-                       2, gbw)
+                runners.append(hf_runner("HF transformers bf16 (cuda, eager)", path, torch.bfloat16, "cuda", ids,
+                                         args.decode, hf_cfg, attn="eager"))
             except Exception as e:
                 print(f"HF transformers bf16 (cuda): failed, its row is missing: {type(e).__name__}: {e}")
             if "fast-gpu" not in skip:
@@ -459,8 +483,18 @@ def main(argv=None) -> int:
 
                 model = fast.load_model(path, device="gpu")
                 print(f"fast gpu: kernels compiled in {model.compile():.1f} s, not counted")
-                record("fast (cupy + numba-cuda, gpu)", *run_ours(model, ids, args.decode, args.repeats),
-                       2, gbw)
+                runners.append(ours("fast (cupy + numba-cuda, gpu)", model, ids, args.decode))
+
+        timed = measure(runners, args.repeats)
+        for r in sorted(runners, key=lambda r: ROW_ORDER.index(r.name)):
+            prefill_rounds, gaps, limits = timed[r.name]
+            peak, bw, own = limits if limits else (float("nan"), gpu_bw, float("nan"))
+            prefill, decode = min(prefill_rounds), float(np.median(gaps))
+            rows.append({"backend": r.name, "cpu": limits is not None, "prefill_tok_s": args.prompt / prefill,
+                         "decode_ms": decode * 1e3, "peak_gflops": peak, "read_gbs": bw, "own_read_gbs": own,
+                         "prefill_of_peak": flops / prefill / 1e9 / peak, "prefill_s": prefill,
+                         "prefill_rounds_s": prefill_rounds,
+                         "decode_of_bw": weights * r.bytes_per_weight / decode / 1e9 / bw})
 
         bound = min(bound, gemm_bound(hf_cfg, args.prompt))  # again after the runs: the faster reading
         from fast.cpu import blas_libraries
@@ -482,13 +516,21 @@ def main(argv=None) -> int:
         print(f"{r['backend']:34} {r['prefill_tok_s']:13.0f} {rp:>9} {r['prefill_of_peak']:8.0%} "
               f"{r['prefill_of_gemm']:8.0%} {r['decode_ms']:13.1f} {rd:>9} {r['decode_of_bw']:6.0%} "
               f"{r['peak_gflops']:6.0f} {r['read_gbs']:5.1f} {r['own_read_gbs']:5.1f}")
+    best_hf = max(hf_rows, key=lambda r: r["prefill_tok_s"], default=None)
+    if best_hf is not None and len(rows) > len(hf_rows):
+        print(f"\nprefill against {best_hf['backend']}, round by round (its time over the backend's, each round "
+              f"its own calls; the table takes every backend's best round):")
+        for r in rows:
+            if r not in hf_rows:
+                ratios = [h / t for h, t in zip(best_hf["prefill_rounds_s"], r["prefill_rounds_s"])]
+                print(f"  {r['backend']:32} {' '.join(f'{x:.2f}' for x in ratios)}")
     print("x best HF: speed relative to the fastest HF mode in this run (>1 is faster); of peak: prefill FLOP/s "
           "(the work a prefill for generation needs: decoder matrices and attention over the visible pairs, "
           "the head and the last layer's query side, which only the last token's logits read, on that token "
           "alone) over the 2048^3 sgemm peak (the best BLAS here); of GEMMs: the float32 BLAS time of those "
           "GEMMs over the prefill time; "
           "of bw: weight bytes per token over the read bandwidth; peak (GFLOP/s), bw (GB/s): the limits read "
-          "right before and after that row's timed calls, the better of each, bw the best of 1 GB probes "
+          "before the first round and after the last, the better of each, bw the best of 1 GB probes "
           "and a read of the backend's own weight buffers (own, GB/s), which a host may place in faster or "
           "slower memory than a probe's")
     if args.json:  # whole or not at all: a file written beside it, then renamed over the destination

@@ -26,8 +26,11 @@ def test_bench_runs_and_reports_every_backend(tmp_path, capsys):
     from fast import bench
 
     out = tmp_path / "bench.json"
-    assert bench.main(["--prompt", "16", "--decode", "2", "--repeats", "1", "--layers", "6", "--json", str(out)]) == 0
+    assert bench.main(["--prompt", "16", "--decode", "2", "--repeats", "2", "--layers", "6", "--json", str(out)]) == 0
     rows = {r["backend"]: r for r in json.loads(out.read_text())["rows"]}
+    assert all(len(r["prefill_rounds_s"]) == 2 for r in rows.values())  # one timed call per backend a round
+    # the table's prefill is the best round's
+    assert all(r["prefill_tok_s"] == pytest.approx(16 / min(r["prefill_rounds_s"])) for r in rows.values())
     have_torch = importlib.util.find_spec("torch") is not None
     names = {"ref (numpy)", "fast (numba, cpu)"} | ({"HF transformers f32 (cpu)", "HF transformers bf16 (cpu)"}
                                                    if have_torch else set())
@@ -35,8 +38,56 @@ def test_bench_runs_and_reports_every_backend(tmp_path, capsys):
     assert all(r["prefill_tok_s"] > 0 and r["decode_ms"] > 0 for r in rows.values())
     # each CPU row's bandwidth limit is the best reading, its own weight buffers' among them
     assert all(r["read_gbs"] >= r["own_read_gbs"] > 0 for r in rows.values() if r["cpu"])
-    assert "x best HF" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "x best HF" in printed
+    if have_torch:  # each round's prefill ratio against the fastest HF mode, under the table
+        line = next(x for x in printed.splitlines() if x.strip().startswith("fast (numba, cpu)") and "." in x
+                    and len(x.split()) == 5)
+        hf = max((r for r in rows.values() if r["backend"].startswith("HF")), key=lambda r: r["prefill_tok_s"])
+        want = [h / f for h, f in zip(hf["prefill_rounds_s"], rows["fast (numba, cpu)"]["prefill_rounds_s"])]
+        assert [float(x) for x in line.split()[3:]] == pytest.approx(want, abs=0.006)
     assert [f.name for f in tmp_path.iterdir()] == ["bench.json"]  # written whole: no partial file left
+
+
+def test_measure_interleaves_the_backends_round_by_round():
+    """Each round calls every backend once, in the given order in even rounds and reversed in odd ones; each
+    backend's prefill is its calls' first-token times, its decode gaps those of all its calls; the limits
+    are read for each CPU backend before the first round and after the last, the better of each kept."""
+    from fast import bench
+
+    calls, clock = [], [0.0]
+
+    def backend(name, first, gap):
+        def once():
+            calls.append(name)
+            t0 = clock[0]
+            clock[0] += 10
+            return t0, [t0 + first, t0 + first + gap, t0 + first + 3 * gap]
+        return once
+
+    readings = iter([(1.0, 5.0, 2.0), (3.0, 1.0, 4.0), (2.0, 2.0, 2.0), (1.0, 1.0, 1.0)])
+    read = []
+
+    def limits(buffers):
+        read.append((buffers[0], len(calls)))
+        return next(readings)
+
+    runners = [bench.Runner("a", backend("a", 1.0, 0.5), 2, ["A"]), bench.Runner("b", backend("b", 2.0, 0.25), 4, ["B"]),
+               bench.Runner("gpu", backend("gpu", 0.5, 0.125), 2)]
+    got = bench.measure(runners, 3, limits=limits, settle=0)
+    assert calls == ["a", "b", "gpu", "gpu", "b", "a", "a", "b", "gpu"]
+    assert read == [("A", 0), ("B", 0), ("A", 9), ("B", 9)]  # before the first call and after the last
+    assert got["a"] == ([1.0] * 3, [0.5, 1.0] * 3, (2.0, 5.0, 2.0))
+    assert got["b"] == ([2.0] * 3, [0.25, 0.5] * 3, (3.0, 1.0, 4.0))
+    assert got["gpu"] == ([0.5] * 3, [0.125, 0.25] * 3, None)
+
+
+def test_measure_refuses_a_call_without_two_tokens():
+    from fast import bench
+
+    runner = bench.Runner("short", lambda: (0.0, [1.0]), 2)
+    with pytest.raises(RuntimeError, match="short: the run produced 1 tokens"):
+        bench.measure([runner], 1, settle=0)
 
 
 @pytest.mark.parametrize("argv, says", [
