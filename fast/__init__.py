@@ -22,6 +22,9 @@ from ref.errors import ConfigError
 from ref.model import Model
 from ref.weights import load_tensors
 
+from .vectors import prefer_512_bit_vectors
+
+WIDE_VECTORS = prefer_512_bit_vectors()  # before any fast module defines a kernel (fast/vectors.py)
 DEVICES = ("cpu", "gpu")
 
 

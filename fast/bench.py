@@ -469,6 +469,8 @@ def main(argv=None) -> int:
             model = fast.load_model(path)
             print(f"fast: kernels compiled (or loaded from Numba's cache) in {model.compile():.1f} s, not counted")
             print(f"fast: prefill products in {blas_choice()}")
+            vectors = "512-bit (AVX-512, fast/vectors.py)" if fast.WIDE_VECTORS else "as LLVM chose for this CPU"
+            print(f"fast: vectors {vectors}")
             runners.append(ours("fast (numba, cpu)", model, ids, args.decode, own_weight_buffers(model, hf_cfg)))
         if have_torch and torch.cuda.is_available():
             gpu_bw = gpu_read_bandwidth()
