@@ -20,8 +20,8 @@ import mmap
 import os
 import platform
 import sys
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numba as nb
@@ -35,7 +35,7 @@ from ref.decoder import KVCache, Kernels
 from ref.masks import MaskSpec
 from ref.safetensors_io import Bf16, to_f32
 
-from . import mkl
+from . import mkl, team
 
 
 FM = {"reassoc", "contract"}  # reassociate sums (vectorised reductions), allow fused multiply-add
@@ -757,36 +757,110 @@ def _gelu_mul(x, u):
 # ~90 us. (The token-minor softmax split the same way gained nothing in the model: 3.5 ms a layer at one
 # core, the park and restart around each query tile taking most of what the second core saves.)
 SPLIT_MIN = 1 << 18
-_HELPERS: dict = {}  # process id -> ThreadPoolExecutor, made at the first split
+_CREW: dict = {}  # process id -> _Crew, made at the first split
+# An idle helper spins team.SPINS loads, then yields its core at each of HELPER_YIELDS looks (a few ms in
+# all, about the longest gap between two split calls of a prefill: an MLP matrix's upcast, attention), then
+# sleeps until the next call wakes it.
+HELPER_YIELDS = 1 << 12
+NEVER = 1 << 62  # yields enough to wait for a helper that is at work
 
 
-def _helpers() -> ThreadPoolExecutor:
-    """The pool of the rows' helper threads, one per process: a forked child inherits the parent's pool
-    without its threads, and work handed to it would wait forever."""
+class _Crew:
+    """The rows' helper threads (`on_every_core`). A ThreadPoolExecutor's worker sleeps between calls, and
+    on the 2-core Ice Lake VM it started its share of a product ~160-260 us after the caller started its
+    own (median, up to 4.8 ms), 56 calls a 512-token prefill; a helper here waits for the next call by
+    spinning, then yielding its core, without the GIL (`team.wait_change`), and sleeps on a condition only
+    after a few ms idle. The caller waits for the helpers' shares the same way. Each call is one job number
+    (`go`); helper i runs its part of it, if any, and then marks the number done (`done[i]`)."""
+
+    def __init__(self, helpers: int):
+        self.go = np.zeros(1, np.int64)
+        self.done = np.zeros(helpers, np.int64)
+        self.jobs: list = [None] * helpers
+        self.errors: list = [None] * helpers
+        self.asleep = threading.Condition()
+        self.calls = threading.Lock()
+        self.caller = None  # the thread in `run`, if any
+        threads = [threading.Thread(target=self._serve, args=(i,), name=f"fast-rows-{i}", daemon=True)
+                   for i in range(helpers)]
+        for t in threads:
+            t.start()
+        self.helpers = {t.ident for t in threads}
+
+    def _serve(self, i: int) -> None:
+        seen = 0
+        while True:
+            job = team.wait_change(self.go, 0, seen, HELPER_YIELDS)
+            if job == seen:  # idle for a while: sleep until the next call
+                with self.asleep:
+                    while self.go[0] == seen:
+                        self.asleep.wait()
+                    job = int(self.go[0])
+            seen = job
+            if self.jobs[i] is not None:
+                work, a, b = self.jobs[i]
+                try:
+                    work(a, b)
+                except BaseException as e:  # handed to the caller, which raises it
+                    self.errors[i] = e
+            self.done[i] = job
+
+    def run(self, cut: list, work) -> None:
+        """work(cut[k], cut[k + 1]) for every k: helper i takes k = i + 1, this thread k = 0 and any k
+        beyond the helpers; returns when all are done (also when this thread's part raised), raising the
+        first error. Called from inside a part (a helper's, or the caller's own), every part runs here."""
+        me = threading.get_ident()
+        if me in self.helpers or me == self.caller:
+            for k in range(len(cut) - 1):
+                work(cut[k], cut[k + 1])
+            return
+        with self.calls:
+            self.caller = me
+            try:
+                job = int(self.go[0]) + 1
+                for i in range(len(self.jobs)):
+                    self.jobs[i] = (work, cut[i + 1], cut[i + 2]) if i + 2 < len(cut) else None
+                    self.errors[i] = None
+                self.go[0] = job
+                with self.asleep:
+                    self.asleep.notify_all()
+                try:
+                    work(cut[0], cut[1])
+                    for k in range(len(self.jobs) + 1, len(cut) - 1):
+                        work(cut[k], cut[k + 1])
+                finally:  # the helpers' parts still write into the caller's arrays until they are done
+                    for i in range(len(self.jobs)):
+                        team.wait_change(self.done, i, job - 1, NEVER)
+            finally:
+                self.caller = None
+            for e in self.errors:
+                if e is not None:
+                    raise e
+
+
+def _crew() -> _Crew:
+    """The rows' helper threads, one crew per process: a forked child inherits the parent's crew without
+    its threads, and work handed to it would wait forever."""
     pid = os.getpid()
-    if pid not in _HELPERS:
-        _HELPERS.clear()
-        _HELPERS[pid] = ThreadPoolExecutor(max(1, nb.get_num_threads() - 1), thread_name_prefix="fast-rows")
-    return _HELPERS[pid]
+    if pid not in _CREW:
+        _CREW.clear()
+        _CREW[pid] = _Crew(max(1, nb.get_num_threads() - 1))
+    return _CREW[pid]
 
 
 def on_every_core(rows: int, work) -> None:
     """work(a, b) for row ranges that cover 0..rows once, as many as Numba's thread count (at most one a
-    row): this thread runs the first, Python threads the rest; to run at once, work must release the GIL
-    (a nogil kernel). OpenBLAS's workers are parked first, so none spins against them (a Numba-parallel
-    loop in this place was 10 % slower, its OpenMP pool spinning against the next product in turn:
-    fast/PERFORMANCE.md); the next product starts them again (~90 us for both, measured). Only between
-    products, from one caller thread (as `park_blas_threads`)."""
+    row): this thread runs the first, the helper threads (`_Crew`) the rest; to run at once, work must
+    release the GIL (a nogil kernel, a ctypes call). OpenBLAS's workers are parked first, so none spins
+    against them (a Numba-parallel loop in this place was 10 % slower, its OpenMP pool spinning against the
+    next product in turn: fast/PERFORMANCE.md); the next product starts them again (~90 us for both,
+    measured). Only between products (as `park_blas_threads`); calls from several threads take turns."""
     parts = min(nb.get_num_threads(), rows)
     if parts < 2:
         work(0, rows)
         return
     park_blas_threads()
-    cut = [rows * i // parts for i in range(parts + 1)]
-    rest = [_helpers().submit(work, a, b) for a, b in zip(cut[1:-1], cut[2:])]
-    work(0, cut[1])
-    for f in rest:
-        f.result()
+    _crew().run([rows * i // parts for i in range(parts + 1)], work)
 
 
 def gelu_tanh_mul(g: np.ndarray, u: np.ndarray) -> None:

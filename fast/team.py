@@ -115,6 +115,20 @@ def wait(counter, members, gen):
     return gen + 1
 
 
+@nb.njit(nogil=True, cache=True)
+def wait_change(flag, i, seen, yields):
+    """Wait, without the GIL, for flag[i] to differ from `seen`: SPINS loads, then one yield of the core at
+    each further look, at most `yields` of them -> flag[i] (`seen` if it had not changed by then). The
+    prefill's helper threads wait for work and for each other this way (fast.cpu's `_Crew`)."""
+    for look in range(SPINS + yields):
+        v = load(flag, i)
+        if v != seen:
+            return v
+        if look >= SPINS:
+            yield_core()
+    return seen
+
+
 @nb.njit(cache=True)
 def share(n, tid, members):
     """Member tid's part of n programs -> (lo, hi): n split into `members` runs of consecutive programs."""
