@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -58,19 +59,43 @@ def test_importing_fast_keeps_a_choice_made_before_it(code, env, features):
     assert got["wide"] is False and got["features"] == features
 
 
-def test_kernels_use_512_bit_registers_on_an_avx512_host():
-    """Where the features were widened, a kernel compiled in this process (here, not loaded from Numba's
-    cache, which keeps no assembly) holds zmm registers: fast's exp over an array, which LLVM left at ymm
-    on the Ice Lake host before."""
+_AXPB = """
+import numba as nb
+@nb.njit(fastmath=True)
+def axpb(x, out, a, b):
+    for i in range(x.size):
+        out[i] = x[i] * a + b
+axpb.compile("(float32[::1], float32[::1], float32, float32)")  # compiled, never run: any x86-64 host will do
+asm = axpb.inspect_asm(axpb.signatures[0])
+print("zmm" in asm, "ymm" in asm)
+"""
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                    reason="LLVM's Intel CPU models (icelake-server, skylake-avx512) exist only for an x86-64 "
+                           "target; this machine is not one")
+@pytest.mark.parametrize("cpu_name", ["icelake-server", "skylake-avx512"])
+def test_the_wide_features_give_512_bit_code_where_llvm_would_use_256(cpu_name):
+    """Compiled for an Intel AVX-512 CPU (only compiled, so on any x86-64 host): with the host's features
+    as Numba has them, LLVM's tuning keeps a vectorised loop in 256-bit ymm registers; with
+    `wide_features` of them, in 512-bit zmm ones. And where this process widened its own features (an
+    AVX-512 host), a kernel compiled here holds zmm registers too."""
+    from fast.vectors import wide_features
+
+    def registers(features):
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_")}
+        out = subprocess.run([sys.executable, "-c", _AXPB], capture_output=True, text=True, check=True,
+                             env={**clean, "NUMBA_CPU_NAME": cpu_name, "NUMBA_CPU_FEATURES": features})
+        return tuple(x == "True" for x in out.stdout.split())
+
+    assert registers("+avx512f") == (False, True)  # LLVM's own choice: ymm only
+    assert registers(wide_features("+avx512f")) == (True, True)
+
     import numba as nb
     import numpy as np
 
     import fast
     from fast.cpu import FM, exp32
-
-    if not fast.WIDE_VECTORS:
-        pytest.skip("this host has no AVX-512 (or Numba's CPU was chosen before fast): nothing was widened; "
-                    "test_importing_fast_sets_the_features_before_numba_compiles covers the choice")
 
     @nb.njit(fastmath=FM, error_model="numpy")
     def exps(x, out):
@@ -80,4 +105,4 @@ def test_kernels_use_512_bit_registers_on_an_avx512_host():
     x = -np.arange(64, dtype=np.float32)
     exps(x, out := np.empty_like(x))
     np.testing.assert_allclose(out, np.exp(x), rtol=1e-6)
-    assert "zmm" in exps.inspect_asm(exps.signatures[0])
+    assert ("zmm" in exps.inspect_asm(exps.signatures[0])) == fast.WIDE_VECTORS
