@@ -7,6 +7,9 @@ OpenBLAS runs them at 255-280; on the AMD hosts this project has had, torch's MK
 fast.cpu measures both on this machine before it picks one (`cpu.choose_blas`). MKL's sequential layer
 starts no thread pool of its own (an OpenMP pool would spin against Numba's and OpenBLAS's threads
 between products), and it needs no OpenMP runtime in the process.
+
+Compiled code calls the same library through `gemm_at`, given `SGEMM` or `DGEMM`, the functions' addresses
+(fast.prefill's attention runs its tiles' products that way, with no Python between them).
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
 
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112  # CBLAS_LAYOUT and CBLAS_TRANSPOSE values
 THREADING_SEQUENTIAL = 1  # MKL_THREADING_SEQUENTIAL: calls run on the calling thread alone
@@ -52,6 +58,41 @@ def _open():
 
 
 LIB = _open()
+
+
+def _address(name: str) -> int:
+    """The address of LIB's function `name`, 0 where MKL is absent."""
+    return 0 if LIB is None else ctypes.cast(getattr(LIB, name), ctypes.c_void_p).value
+
+
+SGEMM, DGEMM = _address("cblas_sgemm"), _address("cblas_dgemm")  # for `gemm_at`
+
+
+@intrinsic
+def gemm_at(typingctx, fn, trans_a, M, N, K, alpha, a, lda, b, ldb, beta, c, ldc):
+    """In compiled code: the CBLAS gemm at address fn (SGEMM for float32 alpha and beta, DGEMM for
+    float64), row-major, B as it is: C [M, N] = alpha op(A) B + beta C, op(A) = A [M, K] for trans_a =
+    NO_TRANS, A^T for A [K, M] with TRANS. a, b, c are the matrices' addresses (integers), lda, ldb, ldc
+    their row strides in elements; sizes below 2^31 (the LP64 interface). Nothing is checked: the caller
+    passes an address that LIB gave and matrices that hold what the sizes say."""
+    sizes, addresses = (trans_a, M, N, K, lda, ldb, ldc), (fn, a, b, c)
+    if not (isinstance(alpha, types.Float) and beta == alpha
+            and all(isinstance(t, types.Integer) for t in sizes + addresses)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        i32, ptr = ir.IntType(32), ir.IntType(8).as_pointer()
+        real = ir.FloatType() if alpha == types.float32 else ir.DoubleType()
+        gemm = ir.FunctionType(ir.VoidType(), [i32] * 6 + [real, ptr, i32, ptr, i32, real, ptr, i32]).as_pointer()
+        size = lambda i: context.cast(builder, args[i], signature.args[i], types.int32)  # noqa: E731
+        address = lambda i, to=ptr: builder.inttoptr(  # noqa: E731
+            context.cast(builder, args[i], signature.args[i], types.intp), to)
+        builder.call(address(0, gemm), [ir.Constant(i32, ROW_MAJOR), size(1), ir.Constant(i32, NO_TRANS), size(2),
+                                         size(3), size(4), args[5], address(6), size(7), address(8), size(9),
+                                         args[10], address(11), size(12)])
+        return context.get_dummy_value()
+
+    return types.void(fn, trans_a, M, N, K, alpha, a, lda, b, ldb, beta, c, ldc), codegen
 
 
 def _row_stride(a: np.ndarray) -> int:

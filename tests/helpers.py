@@ -7,6 +7,17 @@ import numpy as np
 from ref.tiny import random_tensors, write_checkpoint  # noqa: F401  (re-exported for tests)
 
 
+def needs_mkl():
+    """A pytest mark: skip, saying why, where MKL (fast/mkl.py) is not installed. CI installs it (the fast
+    extra, on x86-64 Linux), so there these tests run."""
+    import pytest
+
+    from fast import mkl
+
+    return pytest.mark.skipif(mkl.LIB is None, reason="MKL is not installed here (the fast extra installs it on "
+                                                        "x86-64 Linux: pip install mkl)")
+
+
 def multimodal_prompt(cfg, rng, n_text=5, image_tokens=(), video_frames=(), audio_tokens=()):
     """A token sequence with text, image blocks, video frames and audio, and its mm_token_type_ids.
 

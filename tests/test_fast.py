@@ -28,7 +28,7 @@ from ref.masks import MaskSpec, layer_mask  # noqa: E402
 from ref.safetensors_io import Bf16, bf16_to_f32, f32_to_bf16  # noqa: E402
 from ref.tiny import random_tensors, write_checkpoint  # noqa: E402
 
-from helpers import attention_case, attention_strategies  # noqa: E402
+from helpers import attention_case, attention_strategies, needs_mkl  # noqa: E402
 
 SETTINGS = settings(deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow])
 TOL = 1e-5
@@ -408,22 +408,27 @@ def test_attention_matches_ref_for_every_mask(t, past, heads, dh, window, kind, 
     close(cpu.tiled_attention(q, k, v, spec, tile=tile, key_tile=key_tile), want)
 
 
+@pytest.mark.parametrize("kernel", ["tiled_attention", "attention_tiles_t",
+                                    pytest.param("attention_heads_t", marks=needs_mkl())])
 @pytest.mark.parametrize("dh", [cpu.EXACT_SCORES_DH + 1, 512])
 @pytest.mark.parametrize("t", [40, 300])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_wide_heads_prefill_scores_are_refs_exact_ones(dh, t, seed):
-    """Heads wider than EXACT_SCORES_DH: both prefill kernels sum their scores in float64 as ref does, so on
-    sharp softmaxes (q and k at twice unit scale: a score's rounding moves the winner's weight) their
-    outputs are ref's to rounding: measured at most 2.3e-7 relative over 80 such draws; with float32
-    scores at least 1.4e-6."""
+def test_wide_heads_prefill_scores_are_refs_exact_ones(kernel, dh, t, seed):
+    """Heads wider than EXACT_SCORES_DH: every prefill kernel (ref's layout; token-minor in numpy; token-minor
+    heads with MKL) sums its scores in float64 as ref does, so on sharp softmaxes (q and k at twice unit
+    scale: a score's rounding moves the winner's weight) their outputs are ref's to rounding: measured at
+    most 2.3e-7 relative over 80 such draws; with float32 scores at least 1.4e-6."""
     from fast import prefill
 
     q, k, v, spec = attention_case(1, t, 0, (2, 1), dh, 8, FULL, None, 0, seed)
     q, k = 2 * q, 2 * k
     want = REF.attention(q, k, v, spec)
-    close(cpu.tiled_attention(q, k, v, spec), want, tol=7e-7)
-    qT, maskT = np.ascontiguousarray(q[0].reshape(t, 2 * dh).T), np.ascontiguousarray(spec.dense()[0].T)
-    close(prefill.attention_t(qT, k[0], v[0], maskT).T.reshape(want.shape), want, tol=7e-7)
+    if kernel == "tiled_attention":
+        got = cpu.tiled_attention(q, k, v, spec)
+    else:
+        qT, maskT = np.ascontiguousarray(q[0].reshape(t, 2 * dh).T), np.ascontiguousarray(spec.dense()[0].T)
+        got = getattr(prefill, kernel)(qT, k[0], v[0], maskT).T.reshape(want.shape)
+    close(got, want, tol=7e-7)
 
 
 @SETTINGS

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import numba as nb
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -14,12 +15,13 @@ pytest.importorskip("numba", reason="the fast extra (numba) is not installed")
 
 import fast  # noqa: E402
 import ref  # noqa: E402
-from fast import bench, cpu, mkl  # noqa: E402
+from fast import bench, cpu, mkl, prefill  # noqa: E402
 from ref.config import tiny_hf_dict  # noqa: E402
 from ref.tiny import random_tensors, write_checkpoint  # noqa: E402
 
-NEEDS_MKL = pytest.mark.skipif(mkl.LIB is None, reason="MKL is not installed here (the fast extra installs it on "
-                                                      "x86-64 Linux: pip install mkl)")
+from helpers import needs_mkl  # noqa: E402
+
+NEEDS_MKL = needs_mkl()
 LIBRARIES = [pytest.param(name, marks=[NEEDS_MKL] if name == "mkl" else []) for name in cpu.BLAS_LIBRARIES]
 U = 2.0**-24  # float32's unit roundoff
 
@@ -52,6 +54,41 @@ def test_f32_product_is_a_float32_product_in_each_library(library, m, k, n, tran
     assert (wide[:, n:] == 7.0).all()
 
 
+@nb.njit
+def _gemm_compiled(fn, trans_a, a, b, c, alpha, beta):
+    """mkl.gemm_at on numpy arrays with contiguous rows (any row stride): c <- alpha op(a) b + beta c."""
+    M, N = c.shape
+    K = b.shape[0]
+    mkl.gemm_at(fn, trans_a, M, N, K, alpha, a.ctypes.data, a.strides[0] // a.itemsize, b.ctypes.data,
+                b.strides[0] // b.itemsize, beta, c.ctypes.data, c.strides[0] // c.itemsize)
+
+
+@NEEDS_MKL
+@settings(deadline=None, max_examples=40)
+@given(m=st.integers(1, 40), k=st.integers(1, 40), n=st.integers(1, 40), trans=st.booleans(),
+       double=st.booleans(), beta=st.sampled_from([0.0, 1.0]), pads=st.tuples(*[st.integers(0, 3)] * 3),
+       seed=st.integers(0, 999))
+def test_gemm_at_runs_mkls_gemm_from_compiled_code(m, k, n, trans, double, beta, pads, seed):
+    """mkl.gemm_at with SGEMM (float32) or DGEMM (float64), A as it is or transposed, beta 0 or 1, each
+    matrix a block of a wider array (its rows `pads` longer, each its own): c = op(a) b + beta c within the
+    gemm's rounding bound, and nothing outside c's block written (the row strides are the ones passed)."""
+    rng = np.random.default_rng(seed)
+    dt = np.float64 if double else np.float32
+    a_rows, a_cols = (k, m) if trans else (m, k)
+    a, b, c_wide = (rng.normal(size=(r, c + pad)).astype(dt)
+                    for (r, c), pad in zip([(a_rows, a_cols), (k, n), (m, n)], pads))
+    a, b = a[:, :a_cols], b[:, :n]
+    before = c_wide.copy()
+    c0 = before[:, :n].astype(np.float64)
+    _gemm_compiled(mkl.DGEMM if double else mkl.SGEMM, mkl.TRANS if trans else mkl.NO_TRANS, a, b, c_wide[:, :n],
+                   dt(1.0), dt(beta))
+    op_a, b64 = (a.T if trans else a).astype(np.float64), b.astype(np.float64)
+    u = np.finfo(dt).eps / 2
+    bound = (k + 1) * u / (1 - (k + 1) * u) * (np.abs(op_a) @ np.abs(b64) + beta * np.abs(c0))
+    assert (np.abs(c_wide[:, :n] - (op_a @ b64 + beta * c0)) <= bound).all()
+    np.testing.assert_array_equal(c_wide[:, n:], before[:, n:])
+
+
 @NEEDS_MKL
 @pytest.mark.parametrize("bad", ["float64", "columns", "shape"])
 def test_mkl_sgemm_refuses_what_it_cannot_read(bad):
@@ -77,18 +114,20 @@ def _model_pair(tmp_path):
 @pytest.mark.parametrize("library", LIBRARIES)
 def test_prompts_give_refs_logits_with_either_library(tmp_path, monkeypatch, library):
     """Prompts of 40 tokens (token-minor products) and TOKEN_MINOR_MAX_M + 20 (the plain x @ w^T) with the
-    library forced: ref's logits within 1e-5, and the products ran in that library."""
+    library forced: ref's logits within 1e-5, the products ran in that library, and the token-minor
+    prompt's attention ran in prefill.attention_heads_t exactly where MKL did."""
     monkeypatch.setattr(cpu, "BLAS", [library])
-    calls = []
-    real = mkl.sgemm
+    calls, heads = [], []
+    real, real_heads = mkl.sgemm, prefill.attention_heads_t
     monkeypatch.setattr(mkl, "sgemm", lambda *a: (calls.append(a[0].shape), real(*a))[1])
+    monkeypatch.setattr(prefill, "attention_heads_t", lambda *a: (heads.append(a[0].shape), real_heads(*a))[1])
     model, peer = _model_pair(tmp_path)
     for t in (40, cpu.TOKEN_MINOR_MAX_M + 20):
         ids = (np.arange(t)[None] * 7) % 390 + 3
         got, want = model.forward(ids)[0], peer.forward(ids)[0]
         err = float(np.abs(got - want).max() / np.abs(want).max())
         assert err <= 1e-5, f"{t} tokens: relative error {err:.2e}"
-    assert bool(calls) == (library == "mkl")
+    assert bool(calls) == bool(heads) == (library == "mkl")
 
 
 def test_fast_blas_forces_a_library_without_timing(monkeypatch):

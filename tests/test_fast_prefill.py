@@ -24,7 +24,7 @@ from ref.model import Model  # noqa: E402
 from ref.safetensors_io import Bf16, f32_to_bf16  # noqa: E402
 from ref.tiny import random_tensors, write_checkpoint  # noqa: E402
 
-from helpers import attention_case, attention_strategies  # noqa: E402
+from helpers import attention_case, attention_strategies, needs_mkl  # noqa: E402
 
 SETTINGS = settings(deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow])
 TOL = 1e-5
@@ -99,18 +99,60 @@ def test_residual_on_columns_is_refs_steps_3_to_5(d, t, kind, scalar, seed):
     close(h.T, rms_norm(want_x, wn_ref, 1e-6))
 
 
+ATTENTION = [pytest.param("tiles", id="tiles"), pytest.param("heads", id="heads-mkl", marks=needs_mkl())]
+
+
+@pytest.mark.parametrize("way", ATTENTION)
 @SETTINGS
 @given(**attention_strategies())
-def test_attention_on_columns_matches_ref_for_every_mask(t, past, heads, dh, window, kind, bidir, pad, tile,
+def test_attention_on_columns_matches_ref_for_every_mask(way, t, past, heads, dh, window, kind, bidir, pad, tile,
                                                          key_tile, seed):
-    """Tiles small enough that every path runs: several query and key tiles, the online softmax across
-    them, key tiles skipped, queries (left padding) and whole tiles that see no key."""
+    """Both implementations (numpy's batched tiles; whole heads per core in compiled code with MKL), tiles
+    small enough that every path runs: several query and key tiles, the online softmax across them, key
+    tiles skipped, queries (left padding) and whole tiles that see no key."""
     q, k, v, spec = attention_case(1, t, past, heads, dh, window, kind, bidir, pad, seed)
     H = heads[0]
     qT = np.ascontiguousarray(q[0].reshape(t, H * dh).T)
     maskT = np.ascontiguousarray(spec.dense()[0].T)
-    got = prefill.attention_t(qT, k[0], v[0], maskT, tile=tile, key_tile=key_tile)
+    attend = prefill.attention_heads_t if way == "heads" else prefill.attention_tiles_t
+    got = attend(qT, k[0], v[0], maskT, tile=tile, key_tile=key_tile)
     close(got.T.reshape(1, t, H, dh), REF.attention(q, k, v, spec))
+
+
+@SETTINGS
+@given(s=st.integers(1, 30), t=st.integers(1, 30), tile=st.integers(1, 9), p=st.sampled_from([0.0, 0.05, 0.5, 1.0]),
+       seed=st.integers(0, 999))
+def test_seen_keys_spans_each_query_tiles_visible_keys(s, t, tile, p, seed):
+    """_seen_keys on random masks (empty ones included): each tile's range is from its first to past its
+    last visible key, (0, 0) where it sees none, and `blind` says whether some query sees nothing."""
+    mask = np.random.default_rng(seed).random((s, t)) < p
+    lo, hi, blind = prefill._seen_keys(mask, tile)
+    for i in range(-(-t // tile)):
+        rows = np.flatnonzero(mask[:, i * tile:(i + 1) * tile].any(axis=1))
+        assert (lo[i], hi[i]) == ((rows[0], rows[-1] + 1) if rows.size else (0, 0))
+    assert blind == (not mask.any(axis=0).all())
+
+
+@pytest.mark.parametrize("library, way", [("openblas", "attention_tiles_t"),
+                                          pytest.param("mkl", "attention_heads_t", marks=needs_mkl())])
+def test_attention_runs_where_the_products_run(monkeypatch, library, way):
+    """attention_t takes whole heads per core with MKL (the prefill's products in MKL), numpy's batched
+    tiles with OpenBLAS."""
+    monkeypatch.setattr(cpu, "BLAS", [library])
+    ran = []
+    for name in ("attention_tiles_t", "attention_heads_t"):
+        monkeypatch.setattr(prefill, name, lambda *a, name=name: ran.append(name))
+    prefill.attention_t(np.ones((4, 3), np.float32), np.ones((3, 1, 4), np.float32), np.ones((3, 1, 4), np.float32),
+                        np.ones((3, 3), bool))
+    assert ran == [way]
+
+
+def test_heads_need_mkl(monkeypatch):
+    """Without MKL, attention_heads_t says so (it would call a function at address 0)."""
+    monkeypatch.setattr(prefill.mkl, "LIB", None)
+    with pytest.raises(RuntimeError, match="MKL is not installed"):
+        prefill.attention_heads_t(np.ones((4, 3), np.float32), np.ones((3, 1, 4), np.float32),
+                                  np.ones((3, 1, 4), np.float32), np.ones((3, 3), bool))
 
 
 def test_softmax_on_columns_takes_the_max_of_the_visible_scores_only():
