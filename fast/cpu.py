@@ -482,6 +482,25 @@ def matmul_t(w, xT: np.ndarray) -> np.ndarray:
     return _upcast_product(w.bits, 0, xT.shape[1], lambda f32, out: f32_product(f32, xT, out))
 
 
+def matmuls_t(ws: list, xT: np.ndarray) -> list[np.ndarray]:
+    """ws: matrices [Out_i, In], xT [In, M] float32 C-contiguous -> [w_i @ xT], each [Out_i, M] float32,
+    as `matmul_t`. Where every w_i is bf16 and all fit the scratch buffer at once, in one product: their
+    rows upcast one after another into the scratch and multiplied together, the results row ranges of one
+    output (the same sums, fewer and larger products)."""
+    In, M = xT.shape
+    rows = [w.shape[0] for w in ws]
+    if len(ws) < 2 or not all(isinstance(w, Bf16) for w in ws) or sum(rows) * In > SCRATCH_FLOATS:
+        return [matmul_t(w, xT) for w in ws]
+    _BLAS_RAN[0] = True
+    buf = _scratch(sum(rows) * In).reshape(sum(rows), In)
+    edges = np.cumsum([0] + rows)
+    for w, lo, hi in zip(ws, edges[:-1], edges[1:]):
+        _upcast_rows(np.ascontiguousarray(w.bits), 0, hi - lo, buf[lo:hi])
+    out = np.empty((sum(rows), M), np.float32)
+    f32_product(buf, xT, out)
+    return [out[lo:hi] for lo, hi in zip(edges[:-1], edges[1:])]
+
+
 def _upcast_product(bits: np.ndarray, axis: int, M: int, product) -> np.ndarray:
     """bits [Out, In] bf16 -> a [M, Out] (axis 1) or [Out, M] (axis 0) float32 result, filled by
     product(w, out) over the weights w upcast exactly to float32 (`_upcast_blocks`): one call where the

@@ -107,6 +107,27 @@ def test_matmul_on_each_side_of_its_thresholds(m, block_rows, monkeypatch):
     close(cpu.matmul_t(w, np.ascontiguousarray(x.T)), REF.linear(x, w).T)
 
 
+@pytest.mark.parametrize("case", ["stacked", "too-big", "a-float-matrix"])
+def test_stacked_token_minor_products_are_each_matrixs_product(case, monkeypatch):
+    """matmuls_t (q, k, v in one product): each output is its matrix's product (ref's linear, transposed),
+    from one BLAS product where every matrix is bf16 and all fit the scratch at once, else one each."""
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(cpu.GEMV_MAX_M + 5, 37)).astype(np.float32)
+    ws = [Bf16(f32_to_bf16(rng.normal(size=(n, 37)).astype(np.float32))) for n in (22, 9, 9)]
+    if case == "too-big":
+        monkeypatch.setattr(cpu, "SCRATCH_FLOATS", 39 * 37)
+    if case == "a-float-matrix":
+        ws[1] = rng.normal(size=(9, 37)).astype(np.float32)
+    products = []
+    real = cpu.f32_product
+    monkeypatch.setattr(cpu, "f32_product", lambda a, *rest, **kw: (products.append(a.shape), real(a, *rest, **kw))[1])
+    got = cpu.matmuls_t(ws, np.ascontiguousarray(x.T))
+    for w, y in zip(ws, got):
+        close(y, REF.linear(x, w).T)
+    assert products == ([(40, 37)] if case == "stacked" else [(22, 37), (9, 37)] if case == "a-float-matrix"
+                        else [(22, 37), (9, 37), (9, 37)])
+
+
 def test_token_minor_products_are_used_between_the_gemv_and_the_plain_product(monkeypatch):
     """Which rows counts take `matmul_t` (a speed choice, measured; the tests above check each path's
     numbers): none at GEMV_MAX_M or above TOKEN_MINOR_MAX_M, one in between."""
