@@ -205,8 +205,8 @@ def test_profile_fast_accounts_for_every_timed_function(tmp_path):
     r = tool.profile(model, np.arange(3, 40)[None], n_decode=4, repeats=1)
     assert originals == wrapped(), "the functions were not unwrapped"
     total, rows = whole["prefill"]
-    must = {"matmul_t", "_upcast_rows", "transpose", "norm_t", "head_norm_rope_t", "residual_t", "attention_t",
-            "softmax_t"}
+    must = {"matmul_t", "matmuls_t", "_upcast_rows", "transpose", "norm_t", "head_norm_rope_t", "residual_t",
+            "attention_t", "softmax_t"}
     assert must <= set(rows) and "rms_norm" not in rows and sum(own for _, own in rows.values()) <= total
     assert rows["residual_t"][0] == 2 * len(model.config.layers)
     total, rows = whole["decode"]

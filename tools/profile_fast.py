@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 ROWS = {  # fast.cpu function -> what its own time is
     "_product": "projections of more than 512 rows: the BLAS product (and the wrapper)",
     "matmul_t": "projections of 9-512 rows, token-minor: the BLAS product (and the wrapper)",
+    "matmuls_t": "a layer's q, k, v, token-minor, in one BLAS product (and the wrapper)",
     "_upcast_rows": "prefill projections: bf16 -> float32 upcast of the weight rows",
     "transpose": "transposes into and out of the token-minor products",
     "_gemv": "decode projections and the head: the GEMV (compiled, launched from here)",
