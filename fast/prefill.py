@@ -216,7 +216,6 @@ def attention_tiles_t(qT: np.ndarray, k: np.ndarray, v: np.ndarray, maskT: np.nd
     return out
 
 
-
 def attention_heads_t(qT: np.ndarray, k: np.ndarray, v: np.ndarray, maskT: np.ndarray, tile: int = QUERY_TILE,
                       key_tile: int = KEY_TILE, bias: np.ndarray | None = None) -> np.ndarray:
     """`attention_t` with MKL (fast/mkl.py; MKL must be installed): each core takes whole query heads
@@ -316,6 +315,7 @@ def _heads_t(sgemm, dgemm, h0, h1, qT, k, k64, v, bias, lo, hi, vmean, out, tile
             for d in range(Dh):
                 for t in range(n):
                     acc[d, t] /= den[0, t]
+
 
 # ---- the pass ------------------------------------------------------------------------------------
 
