@@ -154,25 +154,29 @@ def softmax_t(p, bias, s0, t0, m, den, scale):
 
 
 def attention_t(qT: np.ndarray, k: np.ndarray, v: np.ndarray, maskT: np.ndarray, tile: int = QUERY_TILE,
-                key_tile: int = KEY_TILE, bias: np.ndarray | None = None) -> np.ndarray:
+                key_tile: int = KEY_TILE, bias: np.ndarray | None = None, seen: tuple | None = None) -> np.ndarray:
     """Grouped-query attention on columns: qT [H * Dh, T] (head h in rows h*Dh..), k, v [S, K, Dh], maskT
     [S, T] bool (keys x queries) -> [H * Dh, T]. As fast.cpu.tiled_attention, transposed: per tile of
     `tile` queries, scores K_h Q_h^T [s, n] for `key_tile` keys at a time through BLAS (visiting only the
     keys the tile can see), the online softmax down the columns, values V_h^T P [Dh, n]. A query that
     sees no key gets the mean of all values, as ref and HF. Scores of heads wider than cpu.EXACT_SCORES_DH
-    are exact, rounded once (ref's). bias: `mask_bias(maskT)`, where the caller keeps one.
+    are exact, rounded once (ref's). bias: `mask_bias(maskT)`, seen: `_seen_keys(maskT, tile)`, where the
+    caller keeps them (one per mask, for every layer of its kind).
 
     Two implementations of the same steps: with MKL running the prefill's products (`cpu.choose_blas`),
     `attention_heads_t`, whole heads per core in compiled code; else `attention_tiles_t`, numpy's
     batched products per tile."""
     if bias is None:
         bias = mask_bias(maskT)
+    if seen is None:
+        seen = _seen_keys(np.ascontiguousarray(maskT), tile)
     attend = attention_heads_t if cpu.choose_blas() == "mkl" else attention_tiles_t
-    return attend(qT, k, v, maskT, tile, key_tile, bias)
+    return attend(qT, k, v, maskT, tile, key_tile, bias, seen)
 
 
 def attention_tiles_t(qT: np.ndarray, k: np.ndarray, v: np.ndarray, maskT: np.ndarray, tile: int = QUERY_TILE,
-                      key_tile: int = KEY_TILE, bias: np.ndarray | None = None) -> np.ndarray:
+                      key_tile: int = KEY_TILE, bias: np.ndarray | None = None,
+                      seen: tuple | None = None) -> np.ndarray:
     """`attention_t` through numpy: per query tile, every head's scores and values in one batched product
     each (numpy's OpenBLAS), the softmax on one core."""
     S, K, Dh = k.shape
@@ -180,6 +184,7 @@ def attention_tiles_t(qT: np.ndarray, k: np.ndarray, v: np.ndarray, maskT: np.nd
     G = qT.shape[0] // (K * Dh)
     if bias is None:
         bias = mask_bias(maskT)
+    seen_lo, seen_hi, _ = _seen_keys(np.ascontiguousarray(maskT), tile) if seen is None else seen
     out = np.empty_like(qT)
     q4 = qT.reshape(K, G, Dh, T)
     dt = cpu.score_dtype(Dh)
@@ -188,8 +193,7 @@ def attention_tiles_t(qT: np.ndarray, k: np.ndarray, v: np.ndarray, maskT: np.nd
     for t0 in range(0, T, tile):
         t1 = min(T, t0 + tile)
         n = t1 - t0
-        visible = np.flatnonzero(maskT[:, t0:t1].any(axis=1))
-        lo, hi = (visible[0], visible[-1] + 1) if visible.size else (0, 0)
+        lo, hi = seen_lo[t0 // tile], seen_hi[t0 // tile]
         qt = q4[..., t0:t1].astype(dt, copy=False)
         m = np.full((K * G, n), NEG_INF, np.float32)
         den, scale = np.zeros((K * G, n), np.float32), np.empty((K * G, n), np.float32)
@@ -217,7 +221,8 @@ def attention_tiles_t(qT: np.ndarray, k: np.ndarray, v: np.ndarray, maskT: np.nd
 
 
 def attention_heads_t(qT: np.ndarray, k: np.ndarray, v: np.ndarray, maskT: np.ndarray, tile: int = QUERY_TILE,
-                      key_tile: int = KEY_TILE, bias: np.ndarray | None = None) -> np.ndarray:
+                      key_tile: int = KEY_TILE, bias: np.ndarray | None = None,
+                      seen: tuple | None = None) -> np.ndarray:
     """`attention_t` with MKL (fast/mkl.py; MKL must be installed): each core takes whole query heads
     (`cpu.on_every_core`) in one compiled call, `_heads_t`, which runs each tile's two products through
     MKL's sequential gemm itself and the softmax between them, with no Python and no BLAS pool between
@@ -227,18 +232,17 @@ def attention_heads_t(qT: np.ndarray, k: np.ndarray, v: np.ndarray, maskT: np.nd
     alternated pairs, 15 shorter; fast/PERFORMANCE.md)."""
     if mkl.LIB is None:
         raise RuntimeError("attention_heads_t runs MKL's gemm, and MKL is not installed here (pip install mkl)")
-    S, K, Dh = k.shape
+    _, K, Dh = k.shape
     if bias is None:
         bias = mask_bias(maskT)
-    qT, k, v = (np.ascontiguousarray(a, np.float32) for a in (qT, k, v))
-    lo, hi, blind = _seen_keys(np.ascontiguousarray(maskT), tile)
+    qT, k, v, bias = (np.ascontiguousarray(a, np.float32) for a in (qT, k, v, bias))
+    lo, hi, blind = _seen_keys(np.ascontiguousarray(maskT), tile) if seen is None else seen
     vmean = v.mean(axis=0) if blind else np.zeros((K, Dh), np.float32)  # ref's output for a query that sees nothing
     exact = cpu.score_dtype(Dh) == np.float64
     k64 = k.astype(np.float64) if exact else np.zeros((0, 0, 0))
     out = np.empty_like(qT)
     cpu.on_every_core(qT.shape[0] // Dh, lambda h0, h1: _heads_t(
-        mkl.SGEMM, mkl.DGEMM, h0, h1, qT, k, k64, v, np.ascontiguousarray(bias), lo, hi, vmean, out, tile, key_tile,
-        exact))
+        mkl.SGEMM, mkl.DGEMM, h0, h1, qT, k, k64, v, bias, lo, hi, vmean, out, tile, key_tile, exact))
     return out
 
 
@@ -388,13 +392,14 @@ def forward(x: np.ndarray, params, cfg, positions: np.ndarray, key_ok: np.ndarra
         if spec.kind not in masks:  # one mask per kind, keys x queries
             spec_mask = MaskSpec.from_seen(cfg, spec.kind, q_idx, k_idx, key_ok, block)
             maskT = np.ascontiguousarray(spec_mask.dense()[0].T)
-            masks[spec.kind] = maskT, mask_bias(maskT)
-        maskT, bias = masks[spec.kind]
+            masks[spec.kind] = maskT, mask_bias(maskT), _seen_keys(maskT, QUERY_TILE)
+        maskT, bias, seen = masks[spec.kind]
         if narrow:  # from here on the last token's column only
             maskT, bias = np.ascontiguousarray(maskT[:, -1:]), np.ascontiguousarray(bias[:, -1:])
+            seen = _seen_keys(maskT, QUERY_TILE)
             xT, h = np.ascontiguousarray(xT[:, -1:]), np.empty((D, 1), np.float32)
         product = _column if narrow else cpu.matmul_t
-        o = product(a.o_proj.weight, attention_t(qT, k_all[0], v_all[0], maskT, bias=bias))
+        o = product(a.o_proj.weight, attention_t(qT, k_all[0], v_all[0], maskT, bias=bias, seen=seen))
         if cfg.attention_bias:
             o += to_f32(a.o_proj.bias)[:, None]
         residual_t(xT, o, cpu.norm_weight(p.post_attention_layernorm.weight, D), eps, np.float32(1.0),  # 3
