@@ -24,7 +24,6 @@ import weakref
 
 import numba as nb
 import numpy as np
-from numba.np.ufunc import parallel as nb_parallel
 from numba.typed import List
 
 from ref.layers import rope_cos_sin, rope_inv_freq
@@ -242,14 +241,6 @@ def _bookkeeping(slots, q, own, table, kind_cache, modes, window, key_ok, block)
 
 # ---- the Python side ----------------------------------------------------------------------------
 
-def _threads() -> int:
-    """nb.get_num_threads(), less its check that Numba's pool was started (compile_step started it): a
-    Python call after a step runs on caches the step's weights went through, and there that check costs
-    ~25 us of the call's ~40 (the 2-core Zen 1)."""
-    count = getattr(nb_parallel, "_get_num_threads", None)  # set when the pool starts
-    return count() if count is not None else nb.get_num_threads()
-
-
 ROPE_ROWS = 64  # decoding positions whose RoPE tables one call of ref's rope_cos_sin fills ahead
 
 
@@ -385,7 +376,7 @@ class DecodeStep(StepPlan):
         out = np.empty_like(h)
         logits = np.empty((1, self.head_bits.shape[0]), np.float32)
         _layers(h, table, self.mats, self.norms, self.scalars, keys, values, masks, cos, sin, self.eps,
-                _threads(), self.final_norm, out, self.head_bits, self.cap, logits)
+                cpu.thread_count(), self.final_norm, out, self.head_bits, self.cap, logits)
         self._last = (out, logits) if self.head is not None else None
         return out.reshape(1, 1, -1)
 

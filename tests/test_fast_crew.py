@@ -105,11 +105,34 @@ def test_a_helpers_error_reaches_the_caller_and_the_crew_goes_on():
 def test_on_every_core_splits_over_numbas_threads(monkeypatch):
     """As many parts as Numba's threads (at most one a row), cut evenly; one part runs on the caller alone."""
     for threads, rows in ((2, 10), (3, 10), (4, 3), (2, 1)):
-        monkeypatch.setattr(cpu.nb, "get_num_threads", lambda: threads)
+        monkeypatch.setattr(cpu, "thread_count", lambda: threads)
         parts = []
         cpu.on_every_core(rows, lambda a, b: parts.append((a, b)))
         n = min(threads, rows)
         assert sorted(parts) == [(rows * i // n, rows * (i + 1) // n) for i in range(n)]
+
+
+def test_thread_count_is_numbas_thread_count():
+    """`thread_count` (Numba's count without its pool check) follows nb.set_num_threads, as
+    nb.get_num_threads does, before and after the pool started."""
+    import numba as nb
+
+    start = nb.get_num_threads()
+    assert cpu.thread_count() == start
+
+    class OneKey:  # the mask of one query over one key (decode_attention reads its dense form only)
+        def dense(self):
+            return np.ones((1, 1, 1), bool)
+
+    q = np.ones((1, 1, 2, 4), np.float32)
+    cpu.decode_attention(q, q, q, OneKey(), parallel=True)  # a parallel kernel: its first run starts the pool
+    assert getattr(cpu.nb_parallel, "_get_num_threads", None) is not None
+    try:
+        for n in sorted({1, start}):
+            nb.set_num_threads(n)
+            assert cpu.thread_count() == nb.get_num_threads() == n
+    finally:
+        nb.set_num_threads(start)
 
 
 def test_the_callers_error_waits_for_the_helpers_parts():
