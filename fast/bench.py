@@ -260,7 +260,9 @@ def blas_choice() -> str:
     speeds = cpu.BLAS_SPEEDS
     if not speeds:
         return f"{name} (FAST_BLAS={os.environ.get('FAST_BLAS')})"
-    return f"{name} ({', '.join(f'{k} {v:.0f}' for k, v in speeds.items())} GFLOP/s at {cpu.CHOICE_SHAPE} here)"
+    won = cpu.BLAS_ROUNDS_WON.get(cpu.choose_blas(), 0)
+    return (f"{name}: faster in {won} of {sum(cpu.BLAS_ROUNDS_WON.values())} rounds at {cpu.CHOICE_SHAPE} here "
+            f"(the best call of each: {', '.join(f'{k} {v:.0f}' for k, v in speeds.items())} GFLOP/s)")
 
 
 def _timed(f) -> float:
