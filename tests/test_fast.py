@@ -378,7 +378,8 @@ def test_gelu_splits_large_arrays_over_threads_with_the_same_numbers(monkeypatch
         real(x, y)
 
     monkeypatch.setattr(cpu, "_gelu_mul", spy)
-    monkeypatch.setattr(cpu.nb, "get_num_threads", lambda: threads)
+    monkeypatch.setattr(cpu.nb, "get_num_threads", lambda: threads)  # the helpers a new crew starts
+    monkeypatch.setattr(cpu, "thread_count", lambda: threads)  # the parts
     got = g.copy()
     cpu.gelu_tanh_mul(got, u)
     np.testing.assert_array_equal(got, want)
@@ -593,7 +594,8 @@ def test_ring_cache_matches_list_cache():
 def test_gelu_split_runs_in_a_forked_child(monkeypatch):
     """A child forked after the helper threads exist gets none of them; its split must not wait for them
     (a pool inherited as it was would queue the work forever)."""
-    monkeypatch.setattr(cpu.nb, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(cpu.nb, "get_num_threads", lambda: 2)  # a helper, on a 1-core machine too
+    monkeypatch.setattr(cpu, "thread_count", lambda: 2)
     rng = np.random.default_rng(1)
     g, u = rng.normal(0, 3, (2, cpu.SPLIT_MIN // 64 + 1, 64)).astype(np.float32)
     want = g.copy()
