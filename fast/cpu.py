@@ -1343,7 +1343,7 @@ def decode_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, spec, key_chun
     if parallel is None:
         parallel = B * T * H * S * Dh > PARALLEL_ATTENTION_WORK
     if key_chunk is None:
-        key_chunk = split_keys(S * B, nb.get_num_threads()) if parallel else S
+        key_chunk = split_keys(S * B, thread_count()) if parallel else S
     C = max(1, -(-S // key_chunk))
     part_m, part_l = np.empty((B, C, T, H), np.float32), np.empty((B, C, T, H), np.float32)
     part_acc = np.empty((B, C, T, H, Dh), np.float32)
