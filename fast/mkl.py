@@ -1,6 +1,6 @@
 """Intel's MKL for the prefill's float32 products, where its wheel (`pip install mkl`, in the `fast` extra on
 x86-64 Linux) is installed: one single-threaded `cblas_sgemm` per call, which fast.cpu runs on every core by
-splitting the output's rows over its own threads (`cpu.on_every_core`).
+splitting the output's rows over its own threads (`cpu.on_every_core`, `cpu._Crew.product`).
 
 On an Intel Xeon (Ice Lake, 2 cores) MKL runs the bench model's products at 310-330 GFLOP/s where numpy's
 OpenBLAS runs them at 255-280; on the AMD hosts this project has had, torch's MKL was the slower one. So
@@ -9,7 +9,8 @@ starts no thread pool of its own (an OpenMP pool would spin against Numba's and 
 between products), and it needs no OpenMP runtime in the process.
 
 Compiled code calls the same library through `gemm_at`, given `SGEMM` or `DGEMM`, the functions' addresses
-(fast.prefill's attention runs its tiles' products that way, with no Python between them).
+(fast.prefill's attention runs its tiles' products that way, with no Python between them, and fast.cpu's
+helper threads their shares of a product, without the GIL).
 """
 
 from __future__ import annotations
@@ -102,16 +103,26 @@ def _row_stride(a: np.ndarray) -> int:
     return max(a.strides[0] // 4, a.shape[1], 1)
 
 
-def sgemm(a: np.ndarray, b: np.ndarray, out: np.ndarray, b_transposed: bool = False) -> None:
-    """out [M, N] = a [M, K] @ b [K, N], or with b_transposed a [M, K] @ b^T for b [N, K]; float32 matrices
-    whose rows are contiguous (any row stride: out may be a slice of columns of a wider array). Runs on the
-    calling thread alone, without the GIL (ctypes releases it)."""
+def check_product(a: np.ndarray, b: np.ndarray, out: np.ndarray, b_transposed: bool = False) -> None:
+    """ValueError unless out [M, N] = a [M, K] @ b [K, N] (b_transposed: b [N, K]) is a product `sgemm` and
+    `gemm_at` can run: float32 matrices with contiguous rows, sizes below 2^31."""
     M, K = a.shape
     N = b.shape[0] if b_transposed else b.shape[1]
     if (b.shape[1] if b_transposed else b.shape[0]) != K or out.shape != (M, N):
         raise ValueError(f"sgemm shapes: {a.shape} @ {b.shape}{'^T' if b_transposed else ''} -> {out.shape}")
     if max(M, N, K) > INT32_MAX:
         raise ValueError("sgemm: a size above the 32-bit interface")
+    for m in (a, b, out):
+        if m.size:
+            _row_stride(m)
+
+
+def sgemm(a: np.ndarray, b: np.ndarray, out: np.ndarray, b_transposed: bool = False) -> None:
+    """out [M, N] = a [M, K] @ b [K, N], or with b_transposed a [M, K] @ b^T for b [N, K]; float32 matrices
+    whose rows are contiguous (any row stride: out may be a slice of columns of a wider array). Runs on the
+    calling thread alone, without the GIL (ctypes releases it)."""
+    check_product(a, b, out, b_transposed)
+    (M, N), K = out.shape, a.shape[1]
     if M == 0 or N == 0:
         return
     LIB.cblas_sgemm(ROW_MAJOR, NO_TRANS, TRANS if b_transposed else NO_TRANS, M, N, K, 1.0, a.ctypes.data,

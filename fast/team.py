@@ -57,6 +57,22 @@ def load(typingctx, a, i):
 
 
 @intrinsic
+def store(typingctx, a, i, v):
+    """a[i] = v atomically with release order: what this thread wrote before is seen by a thread whose
+    acquire `load` sees v."""
+    def codegen(context, builder, sig, args):
+        builder.store_atomic(args[2], _slot(context, builder, sig, args), "release", 8)
+        return context.get_dummy_value()
+    return types.void(types.int64[::1], types.intp, types.int64), codegen
+
+
+@nb.njit(nogil=True, cache=True)
+def publish(a, i, v):
+    """`store` for Python's callers: a[i] = v, after every write this thread made before it."""
+    store(a, i, v)
+
+
+@intrinsic
 def compare_exchange(typingctx, a, i, expected, new):
     """a[i] = new if a[i] == expected, atomically -> the value a[i] held (== expected: it was swapped)."""
     def codegen(context, builder, sig, args):

@@ -11,7 +11,8 @@ import pytest
 
 pytest.importorskip("numba", reason="the fast extra (numba) is not installed")
 
-from fast import cpu, team  # noqa: E402
+from fast import cpu, mkl, team  # noqa: E402
+from helpers import needs_mkl  # noqa: E402
 
 
 def _within(seconds, f):
@@ -170,3 +171,90 @@ def test_a_split_inside_a_part_runs_there_whole():
 
     _within(10, lambda: crew.run([0, 1, 2], outer))
     assert np.all(hits == 1)
+
+
+# ---- products handed to the helpers as words (`_Crew.product`): MKL's gemm from compiled code ----------
+
+def _parts_alone(a, b, parts):
+    """a @ b with each of `parts` runs of a's rows (`on_every_core`'s cut) in its own single-threaded MKL
+    call on this thread: what a crew's product must give bit for bit (each part is the same call)."""
+    out = np.empty((a.shape[0], b.shape[1]), np.float32)
+    rows = a.shape[0]
+    for k in range(parts):
+        lo, hi = rows * k // parts, rows * (k + 1) // parts
+        mkl.sgemm(a[lo:hi], b, out[lo:hi])
+    return out
+
+
+@needs_mkl()
+@pytest.mark.parametrize("helpers, parts, rows", [(1, 2, 37), (1, 3, 37), (2, 3, 64), (3, 2, 9), (2, 5, 3)])
+def test_a_product_is_each_parts_own_product(helpers, parts, rows):
+    """Every row of out = a @ b is what MKL gives for its part alone, bit for bit, out a slice of a wider
+    array (nothing beside it written), over many calls in a row; with fewer rows than parts, some parts
+    are empty."""
+    rng = np.random.default_rng(helpers * 100 + parts)
+    crew = cpu._Crew(helpers)
+    for call in range(20):
+        a = rng.normal(size=(rows, 19)).astype(np.float32)
+        b = rng.normal(size=(19, 23)).astype(np.float32)
+        wide = np.full((rows, 30), 7.0, np.float32)
+        _within(10, lambda: crew.product(a, b, wide[:, :23], parts))
+        np.testing.assert_array_equal(wide[:, :23], _parts_alone(a, b, parts))
+        assert (wide[:, 23:] == 7.0).all()
+
+
+@needs_mkl()
+def test_products_and_python_parts_take_turns():
+    """A product's words do not outlive it: a Python call after a product runs its helper's part in Python,
+    on the helper (and a product after it computes again)."""
+    crew = cpu._Crew(1)
+    rng = np.random.default_rng(5)
+    for _ in range(10):
+        a, b = rng.normal(size=(8, 4)).astype(np.float32), rng.normal(size=(4, 3)).astype(np.float32)
+        out = np.zeros((8, 3), np.float32)
+        _within(10, lambda: crew.product(a, b, out, 2))
+        np.testing.assert_array_equal(out, _parts_alone(a, b, 2))
+        hits, who = _within(10, lambda: _cover(crew, [0, 4, 9]))
+        assert np.all(hits == 1) and who[4, 9] == "fast-rows-0"
+
+
+@needs_mkl()
+def test_a_helper_asleep_wakes_for_a_product(monkeypatch):
+    """With no yielding looks the helper sleeps between calls; a product still gets its part done."""
+    monkeypatch.setattr(cpu, "HELPER_YIELDS", 0)
+    crew = cpu._Crew(1)
+    a, b = np.arange(12, dtype=np.float32).reshape(6, 2), np.ones((2, 5), np.float32)
+    for pause in (0.05, 0.0, 0.001, 0.02, 0.0):
+        time.sleep(pause)
+        out = np.zeros((6, 5), np.float32)
+        _within(10, lambda: crew.product(a, b, out, 2))
+        np.testing.assert_array_equal(out, a @ b)
+
+
+@needs_mkl()
+def test_a_product_inside_a_part_runs_there_whole():
+    """A product asked for from a part (the caller's or a helper's) runs on that thread, not waiting for
+    a helper busy with the outer call."""
+    crew = cpu._Crew(1)
+    a, b = np.ones((4, 3), np.float32), np.full((3, 2), 2.0, np.float32)
+    outs = np.zeros((2, 4, 2), np.float32)
+
+    def outer(lo, hi):
+        crew.product(a, b, outs[lo], 2)
+
+    _within(10, lambda: crew.run([0, 1, 2], outer))
+    assert (outs == 6.0).all()
+
+
+@needs_mkl()
+def test_a_bad_product_raises_before_any_part_runs():
+    """Matrices that MKL cannot take raise ValueError in the caller, and the crew goes on."""
+    crew = cpu._Crew(1)
+    out = np.full((4, 2), 7.0, np.float32)
+    with pytest.raises(ValueError, match="contiguous rows"):
+        crew.product(np.ones((4, 3)), np.ones((3, 2), np.float32), out, 2)  # float64
+    with pytest.raises(ValueError, match="shapes"):
+        crew.product(np.ones((4, 3), np.float32), np.ones((2, 2), np.float32), out, 2)
+    assert (out == 7.0).all()
+    _within(10, lambda: crew.product(np.ones((4, 3), np.float32), np.ones((3, 2), np.float32), out, 2))
+    assert (out == 3.0).all()
