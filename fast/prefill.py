@@ -32,6 +32,12 @@ from . import cpu, mkl
 from .cpu import FM, as_f32, exp32
 
 NEG_INF = np.float32(-np.inf)
+# Queries x keys x heads x head dim from which `attention_heads_t` splits the heads over the cores: below it,
+# waking the other core's helper costs more than its half saves. One query (the last layer of a prefill for
+# generation) of 8 heads on the Ice Lake, each call after a 32 MB pass, one core against both: over 512 keys
+# 361 against 525 us at head dim 128 and 618 against 919 at 256; over 2048 keys of 256, 2360 against 2149;
+# over 4096 of 128, 3111 against 2005 (medians of 55 alternated calls).
+CREW_ATTENTION_WORK = 1 << 22
 QUERY_TILE = 128  # queries per attention tile (as fast.cpu.tiled_attention: 96-128 measured best)
 KEY_TILE = 512  # keys per score tile
 
@@ -241,8 +247,15 @@ def attention_heads_t(qT: np.ndarray, k: np.ndarray, v: np.ndarray, maskT: np.nd
     exact = cpu.score_dtype(Dh) == np.float64
     k64 = k.astype(np.float64) if exact else np.zeros((0, 0, 0))
     out = np.empty_like(qT)
-    cpu.on_every_core(qT.shape[0] // Dh, lambda h0, h1: _heads_t(
-        mkl.SGEMM, mkl.DGEMM, h0, h1, qT, k, k64, v, bias, lo, hi, vmean, out, tile, key_tile, exact))
+    H = qT.shape[0] // Dh
+
+    def heads(h0, h1):
+        _heads_t(mkl.SGEMM, mkl.DGEMM, h0, h1, qT, k, k64, v, bias, lo, hi, vmean, out, tile, key_tile, exact)
+
+    if qT.shape[1] * k.shape[0] * H * Dh < CREW_ATTENTION_WORK:
+        heads(0, H)
+    else:
+        cpu.on_every_core(H, heads)
     return out
 
 
@@ -370,9 +383,11 @@ def forward(x: np.ndarray, params, cfg, positions: np.ndarray, key_ok: np.ndarra
         last = i + 1 == len(cfg.layers)
         narrow = last_only and last  # the query side on the last token only (see above)
         names = ["q_proj"] if shared else ["q_proj", "k_proj"] if spec.k_eq_v else ["q_proj", "k_proj", "v_proj"]
-        if narrow:
-            proj = [_column(a[n].weight, h[:, -1:]) if n == "q_proj" else cpu.matmul_t(a[n].weight, h)
-                    for n in names]  # 2, each [Out, T] (q [Out, 1])
+        if narrow:  # 2, each [Out, T] (q [Out, 1]). K and V first: after the GEMV its pool (Numba's) spins for a
+            # while against the product's helper thread (the bench model's k, Ice Lake: 4994 us after q, where a
+            # 1024 x 1024 product took ~5.1 ms; 1281 us first, where it took ~3.8; medians of 8 prefills)
+            kv_proj = [cpu.matmul_t(a[n].weight, h) for n in names[1:]]
+            proj = [_column(a.q_proj.weight, h[:, -1:])] + kv_proj
         else:  # 2, in one product where it can: 8 ms a prefill (bench model, Ice Lake; 51 of 84 rounds faster)
             proj = cpu.matmuls_t([a[n].weight for n in names], h)
         if cfg.attention_bias:

@@ -99,7 +99,8 @@ def test_residual_on_columns_is_refs_steps_3_to_5(d, t, kind, scalar, seed):
     close(h.T, rms_norm(want_x, wn_ref, 1e-6))
 
 
-ATTENTION = [pytest.param("tiles", id="tiles"), pytest.param("heads", id="heads-mkl", marks=needs_mkl())]
+ATTENTION = [pytest.param("tiles", id="tiles"), pytest.param("heads", id="heads-mkl", marks=needs_mkl()),
+             pytest.param("heads-split", id="heads-mkl-split", marks=needs_mkl())]
 
 
 @pytest.mark.parametrize("way", ATTENTION)
@@ -107,15 +108,17 @@ ATTENTION = [pytest.param("tiles", id="tiles"), pytest.param("heads", id="heads-
 @given(**attention_strategies())
 def test_attention_on_columns_matches_ref_for_every_mask(way, t, past, heads, dh, window, kind, bidir, pad, tile,
                                                          key_tile, seed):
-    """Both implementations (numpy's batched tiles; whole heads per core in compiled code with MKL), tiles
-    small enough that every path runs: several query and key tiles, the online softmax across them, key
-    tiles skipped, queries (left padding) and whole tiles that see no key."""
+    """Both implementations (numpy's batched tiles; whole heads in compiled code with MKL, on this thread or,
+    `-split`, per core), tiles small enough that every path runs: several query and key tiles, the online
+    softmax across them, key tiles skipped, queries (left padding) and whole tiles that see no key."""
     q, k, v, spec = attention_case(1, t, past, heads, dh, window, kind, bidir, pad, seed)
     H = heads[0]
     qT = np.ascontiguousarray(q[0].reshape(t, H * dh).T)
     maskT = np.ascontiguousarray(spec.dense()[0].T)
-    attend = prefill.attention_heads_t if way == "heads" else prefill.attention_tiles_t
-    got = attend(qT, k[0], v[0], maskT, tile=tile, key_tile=key_tile)
+    attend = prefill.attention_tiles_t if way == "tiles" else prefill.attention_heads_t
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(prefill, "CREW_ATTENTION_WORK", 0 if way == "heads-split" else 1 << 62)
+        got = attend(qT, k[0], v[0], maskT, tile=tile, key_tile=key_tile)
     close(got.T.reshape(1, t, H, dh), REF.attention(q, k, v, spec))
 
 
@@ -145,6 +148,26 @@ def test_attention_runs_where_the_products_run(monkeypatch, library, way):
     prefill.attention_t(np.ones((4, 3), np.float32), np.ones((3, 1, 4), np.float32), np.ones((3, 1, 4), np.float32),
                         np.ones((3, 3), bool))
     assert ran == [way]
+
+
+@needs_mkl()
+def test_heads_split_over_the_cores_from_enough_work(monkeypatch):
+    """attention_heads_t hands its heads to every core from CREW_ATTENTION_WORK query-key pairs x heads x
+    head dim (one query of 8 heads of 16 over 32 keys: 4096), and runs them on this thread below it; the
+    same numbers either way."""
+    rng = np.random.default_rng(3)
+    qT, k, v = (rng.normal(size=s).astype(np.float32) for s in ((8 * 16, 1), (32, 2, 16), (32, 2, 16)))
+    mask = np.ones((32, 1), bool)
+    split = []
+    real = cpu.on_every_core
+    monkeypatch.setattr(cpu, "on_every_core", lambda rows, work: (split.append(rows), real(rows, work))[1])
+    outs = []
+    for limit, splits in ((4097, []), (4096, [8])):
+        monkeypatch.setattr(prefill, "CREW_ATTENTION_WORK", limit)
+        split.clear()
+        outs.append(prefill.attention_heads_t(qT, k, v, mask))
+        assert split == splits
+    np.testing.assert_array_equal(outs[0], outs[1])
 
 
 def test_heads_need_mkl(monkeypatch):
