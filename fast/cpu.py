@@ -1534,7 +1534,9 @@ def huge_empty(shape: tuple) -> np.ndarray:
 
 class RingKVCache(KVCache):
     """Preallocated cache: full layers hold [B, max_len, K, Dh], sliding layers a ring of `window` slots
-    (slot = index % window), so a decoding step writes one row and copies nothing. `xp` is the array module
+    (slot = index % window), so a decoding step writes one row and copies nothing; a ring no longer than
+    max_len, which it then never wraps (a 512-token prefill for 32 more tokens, window 1024: 545 slots,
+    where 1024 had 479 left for `_zero_unclaimed` to write, 2 MB a layer of the bench model). `xp` is the array module
     that holds K and V (fast.gpu's subclass: CuPy); the slots and flags stay NumPy arrays on the host."""
 
     xp = np
@@ -1594,7 +1596,7 @@ class RingKVCache(KVCache):
         B, T, K, Dh = k.shape
         fresh = i not in self.keys
         if fresh:
-            cap = window if kind == SLIDING else self.max_len
+            cap = min(window, self.max_len) if kind == SLIDING else self.max_len
             self.keys[i] = self._empty((B, cap, K, Dh))
             self.values[i] = self._empty((B, cap, K, Dh))
             self.slots[i] = np.full(cap, -1, np.int64)

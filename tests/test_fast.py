@@ -570,6 +570,17 @@ def test_a_new_cache_holds_zeros_where_its_first_tokens_did_not_land(monkeypatch
         assert not got[:, ~held].any() and not np.isnan(got).any()
 
 
+@pytest.mark.parametrize("window, max_len", [(10, 6), (6, 6), (4, 6)])
+def test_a_ring_holds_no_more_slots_than_the_cache_holds_tokens(window, max_len):
+    """A sliding layer's ring has min(window, max_len) slots: where the whole sequence fits the window it
+    never wraps, and a prompt then leaves only the slots of the tokens still to come free."""
+    cache = cpu.RingKVCache(1, max_len)
+    cache.append_tokens(np.ones((1, 3), bool), np.full((1, 3), -1))
+    k = np.ones((1, 3, 1, 2), np.float32)
+    cache.extend(0, k, k, np.arange(3), SLIDING, window)
+    assert cache.keys[0].shape[1] == cache.values[0].shape[1] == cache.slots[0].size == min(window, max_len)
+
+
 def test_ring_cache_matches_list_cache():
     rng = np.random.default_rng(0)
     ring, plain = cpu.RingKVCache(1, 40), KVCache()
