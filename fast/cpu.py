@@ -833,7 +833,7 @@ class _Crew:
         self.errors: list = [None] * helpers
         self.asleep = threading.Condition()
         self.calls = threading.Lock()
-        self.caller = None  # the thread in `run`, if any
+        self.caller = None  # the thread in `run` or `product`, if any
         threads = [threading.Thread(target=self._serve, args=(i,), name=f"fast-rows-{i}", daemon=True)
                    for i in range(helpers)]
         for t in threads:
