@@ -536,12 +536,11 @@ def f32_product(a: np.ndarray, b: np.ndarray, out: np.ndarray, b_transposed: boo
     if b_transposed:
         on_every_core(a.shape[0], lambda lo, hi: mkl.sgemm(a[lo:hi], b, out[lo:hi], b_transposed))
         return
-    parts = min(thread_count(), a.shape[0])
+    parts = _parts_for(a.shape[0])
     if parts < 2:
         mkl.sgemm(a, b, out)
-        return
-    park_blas_threads()
-    _crew().product(a, b, out, parts)
+    else:
+        _crew().product(a, b, out, parts)
 
 
 def blas_libraries() -> tuple[str, ...]:
@@ -946,18 +945,23 @@ def _ld(m):
 
 
 @nb.njit(cache=True)
-def _hand_over(fn, products, a, b, out, parts, go, job):
-    """products[i] <- the words of helper i's part of out = a @ b (part i + 1 of a's rows, `_part`), for
-    `_serve_products` to run through the gemm at address fn (mkl.SGEMM; mkl.gemm_at); then go[0] <- job
-    (`team.store`: after the words)."""
+def _words(fn, a, b, out, k, parts, w):
+    """w [PRODUCT_WORDS] <- part k of out = a @ b (rows `_part(M, parts, k)` of a and out) as words for
+    `_gemm_words`, which runs them through the gemm at address fn (mkl.SGEMM; mkl.gemm_at)."""
     M, K = a.shape
+    lo, hi = _part(M, parts, k)
+    w[0], w[1], w[2], w[3], w[4] = 1, fn, hi - lo, b.shape[1], K
+    w[5], w[6] = a.ctypes.data + lo * a.strides[0], _ld(a)
+    w[7], w[8] = b.ctypes.data, _ld(b)
+    w[9], w[10] = out.ctypes.data + lo * out.strides[0], _ld(out)
+
+
+@nb.njit(cache=True)
+def _hand_over(fn, products, a, b, out, parts, go, job):
+    """products[i] <- the words of helper i's part of out = a @ b (part i + 1, `_words`), for
+    `_serve_products`; then go[0] <- job (`team.store`: after the words)."""
     for i in range(products.shape[0]):
-        lo, hi = _part(M, parts, i + 1)
-        w = products[i]
-        w[0], w[1], w[2], w[3], w[4] = 1, fn, hi - lo, b.shape[1], K
-        w[5], w[6] = a.ctypes.data + lo * a.strides[0], _ld(a)
-        w[7], w[8] = b.ctypes.data, _ld(b)
-        w[9], w[10] = out.ctypes.data + lo * out.strides[0], _ld(out)
+        _words(fn, a, b, out, i + 1, parts, products[i])
     team.store(go, 0, job)
 
 
@@ -972,16 +976,12 @@ def _gemm_words(w):
 @nb.njit(nogil=True, cache=True)
 def _lead(fn, done, job, a, b, out, parts):
     """The calling thread's side of a crew's product once job `job` is published: its parts of out = a @ b
-    (part 0 and those beyond the helpers, `_part`), then a wait for every helper to mark the job done."""
-    M, K = a.shape
+    (part 0 and those beyond the helpers, `_words`), then a wait for every helper to mark the job done."""
+    w = np.empty(PRODUCT_WORDS, np.int64)
     for k in range(parts):
-        if 1 <= k <= done.size:
-            continue
-        lo, hi = _part(M, parts, k)
-        if hi > lo:
-            mkl.gemm_at(fn, mkl.NO_TRANS, hi - lo, b.shape[1], K, np.float32(1.0),
-                        a.ctypes.data + lo * a.strides[0], _ld(a), b.ctypes.data, _ld(b), np.float32(0.0),
-                        out.ctypes.data + lo * out.strides[0], _ld(out))
+        if not 1 <= k <= done.size:
+            _words(fn, a, b, out, k, parts, w)
+            _gemm_words(w)
     for i in range(done.size):
         team.wait_change(done, i, job - 1, NEVER)
 
@@ -1025,12 +1025,20 @@ def on_every_core(rows: int, work) -> None:
     against them (a Numba-parallel loop in this place was 10 % slower, its OpenMP pool spinning against the
     next product in turn: fast/PERFORMANCE.md); the next product starts them again (~90 us for both,
     measured). Only between products (as `park_blas_threads`); calls from several threads take turns."""
-    parts = min(thread_count(), rows)
+    parts = _parts_for(rows)
     if parts < 2:
         work(0, rows)
         return
-    park_blas_threads()
     _crew().run([rows * i // parts for i in range(parts + 1)], work)
+
+
+def _parts_for(rows: int) -> int:
+    """The parts `on_every_core` (or `_Crew.product`) cuts `rows` rows into: Numba's thread count, at most
+    one a row; from 2 parts, OpenBLAS's workers parked first (`on_every_core`)."""
+    parts = min(thread_count(), rows)
+    if parts >= 2:
+        park_blas_threads()
+    return parts
 
 
 def gelu_tanh_mul(g: np.ndarray, u: np.ndarray) -> None:
