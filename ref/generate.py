@@ -37,31 +37,38 @@ def select(logits: np.ndarray, suppress: tuple[int, ...], temperature: float, to
     return np.array([rng.choice(len(p), p=p.astype(np.float64) / p.sum(dtype=np.float64)) for p in probs])
 
 
-def generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
-             top_p: float | None = None, seed: int | None = None, attention_mask=None, mm_token_type_ids=None,
-             use_cache: bool = True, on_token=None, **media) -> np.ndarray:
-    """input_ids [B, T] (+ media as for `Model.forward`) -> new token ids [B, <= max_new_tokens].
-
-    Stops when every row has produced an eos id; rows that finish early are filled with pad.
-    RoPE positions count real tokens only (cumsum of attention_mask - 1), as HF's generate.
-    `on_token(ids [B])`, if given, is called with each step's tokens (for streaming).
-    """
+def prepare(model, input_ids, max_new_tokens: int, attention_mask=None, mm_token_type_ids=None,
+            use_cache: bool = True, **media) -> tuple:
+    """What generation's first step takes: input_ids [B, T] (+ media as for `Model.forward`) -> (x [B, T, D]
+    the prompt's embeddings, positions, key_ok, block [B, T], a KV cache for T + max_new_tokens tokens or
+    None). RoPE positions count real tokens only (cumsum of attention_mask - 1), as HF's generate. A fully
+    bidirectional model gets no cache (see above)."""
     cfg = model.config
     ids = np.asarray(input_ids, np.int64)
     B, T = ids.shape
     model.check_length(T + max_new_tokens)
     key_ok = np.ones((B, T), bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
     positions = np.where(key_ok, np.cumsum(key_ok, axis=1) - 1, 0)
+    cache = model.new_cache(B, T + max_new_tokens) if use_cache and cfg.bidirectional != "all" else None
+    return model.embed(ids, **media), positions, key_ok, model.blocks(mm_token_type_ids, ids.shape), cache
+
+
+def generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, seed: int | None = None, attention_mask=None, mm_token_type_ids=None,
+             use_cache: bool = True, on_token=None, **media) -> np.ndarray:
+    """input_ids [B, T] (+ media as for `Model.forward`) -> new token ids [B, <= max_new_tokens].
+
+    Stops when every row has produced an eos id; rows that finish early are filled with pad.
+    `on_token(ids [B])`, if given, is called with each step's tokens (for streaming).
+    """
+    cfg = model.config
+    x, positions, key_ok, block, cache = prepare(model, input_ids, max_new_tokens, attention_mask,
+                                                 mm_token_type_ids, use_cache, **media)
+    B = x.shape[0]
     rng = np.random.default_rng(seed)
     eos = np.array(cfg.eos_token_ids, np.int64)
     done = np.zeros(B, bool)
     out = []
-    if cfg.bidirectional == "all":
-        use_cache = False
-    cache = model.new_cache(B, T + max_new_tokens) if use_cache else None
-
-    x = model.embed(ids, **media)
-    block = model.blocks(mm_token_type_ids, ids.shape)
     for step in range(max_new_tokens):
         h = model.run_decoder(x, positions, key_ok, block, cache, last_only=True)
         logits = model.kernels.lm_head(h[:, -1:], model.head, cfg.final_logit_softcapping)[:, 0]
@@ -76,7 +83,7 @@ def generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 0.
         new_pos = positions[:, -1:] + 1
         new_x = model.embed(nxt[:, None])
         new_block = np.full((B, 1), -1, np.int64)
-        if use_cache:
+        if cache is not None:
             x, positions, key_ok, block = new_x, new_pos, np.ones((B, 1), bool), new_block
         else:  # recompute everything: the prompt's soft tokens stay where they were
             x = np.concatenate([x, new_x], axis=1)

@@ -193,7 +193,8 @@ def test_profile_fast_accounts_for_every_timed_function(tmp_path):
 
     tool = _tool("profile_fast")
     def wrapped():
-        return ({name: getattr(cpu, name) for name in tool.ROWS} | {"_layers": step._layers} |
+        return ({name: getattr(cpu, name) for name in tool.ROWS} |
+                {n: getattr(step, n) for n in ("_layers", "_embed_token", "_choose")} | {"_run": step.DecodeStep._run} |
                 {name: getattr(prefill, name) for name in tool.PREFILL_ROWS})
 
     originals = wrapped()
@@ -210,7 +211,8 @@ def test_profile_fast_accounts_for_every_timed_function(tmp_path):
     assert must <= set(rows) and "rms_norm" not in rows and sum(own for _, own in rows.values()) <= total
     assert rows["residual_t"][0] == 2 * len(model.config.layers)
     total, rows = whole["decode"]
-    assert rows["_layers"][0] == 1 and rows["DecodeStep.__call__"][0] == 1  # one compiled step per token
+    assert all(rows[n][0] == 1 for n in ("_layers", "DecodeStep._run", "_embed_token", "_choose"))  # a token:
+    # one step, one embedding, one choice in the greedy loop
     assert "decode_attention" not in rows and sum(own for _, own in rows.values()) <= total
     layers = len(model.config.layers)
     for phase, must in (("prefill", {"matmul_t", "transpose", "_upcast_rows", "tiled_attention", "rms_norm"}),

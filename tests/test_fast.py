@@ -853,7 +853,8 @@ model = fast.load_model({str(path)!r})
 model.compile()
 names = ["_gemv_bf16", "_upcast_rows", "_rms_norm", "_decode_serial", "_decode_parallel", "_combine", "_gelu_mul",
          "_rope", "_softmax_tile", "split_keys", "claim_slot"]
-kernels = {{n: getattr(cpu, n) for n in names}} | {{n: getattr(step, n) for n in ["_layers", "_bookkeeping"]}}
+kernels = {{n: getattr(cpu, n) for n in names}} | {{n: getattr(step, n) for n in ["_layers", "_bookkeeping",
+                                                                                "_embed_token", "_choose"]}}
 kernels |= {{n: getattr(prefill, n) for n in ["_inv_rms", "norm_t", "_norm_t", "head_norm_rope_t", "residual_t",
                                               "softmax_t"]}}
 before = {{n: set(k.signatures) for n, k in kernels.items()}}

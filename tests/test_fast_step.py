@@ -4,6 +4,7 @@ kernels, bit for bit, and ref's numbers within float32 rounding; everything it d
 from __future__ import annotations
 
 import gc
+import json
 
 import numba as nb
 import numpy as np
@@ -100,6 +101,118 @@ def test_generate_uses_the_compiled_step_and_gives_refs_tokens(tmp_path, monkeyp
     np.testing.assert_array_equal(got, ref.load_model(d).generate(ids, max_new_tokens=6))
 
 
+def _counted(monkeypatch, name: str) -> list:
+    """Wrap fast.step's function `name` so each call appends to the returned list."""
+    calls, real = [], getattr(step, name)
+    monkeypatch.setattr(step, name, lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("case", ["plain", "softcap", "eos", "suppress", "padded", "one", "untied"])
+def test_greedy_decoding_of_one_sequence_runs_the_compiled_loop_with_refs_tokens(tmp_path, monkeypatch, case):
+    """Greedy decoding of one sequence runs its steps in DecodeStep.greedy (embedding, layers, head and the
+    choice compiled): the tokens and what on_token sees are ref.generate's, with soft-capping, an eos id that
+    stops it early, suppressed ids (the ones ref would pick otherwise), left padding, one token, and an
+    output table of its own."""
+    over = {"final_logit_softcapping": 30.0} if case == "softcap" else {"tie_word_embeddings": False} \
+        if case == "untied" else {}
+    d = _checkpoint(tmp_path, **over)
+    ids, n = np.arange(3, 20)[None], 1 if case == "one" else 9
+    mask = (np.arange(ids.shape[1]) >= 3)[None].astype(np.int64) if case == "padded" else None
+    if case in ("eos", "suppress"):
+        free = ref.load_model(d).generate(ids, max_new_tokens=n)[0]
+        assert free[0] != free[3]  # the eos id comes after the loop's first step
+        gen = ({"eos_token_id": [int(free[3])]} if case == "eos" else
+               {"suppress_tokens": sorted({int(t) for t in free[1:4]})})  # the ids ref picked there
+        (d / "generation_config.json").write_text(json.dumps(gen))
+    seen, want_seen = [], []
+    chosen = _counted(monkeypatch, "_choose")
+    got = fast.load_model(d).generate(ids, max_new_tokens=n, attention_mask=mask,
+                                      on_token=lambda t: seen.append(t.copy()))
+    want = ref.load_model(d).generate(ids, max_new_tokens=n, attention_mask=mask,
+                                      on_token=lambda t: want_seen.append(t))
+    np.testing.assert_array_equal(got, want)
+    assert got.dtype == want.dtype and len(seen) == len(want_seen) == want.shape[1]
+    for a, b in zip(seen, want_seen):
+        assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
+    assert len(chosen) == want.shape[1] - 1, "the compiled loop did not choose every token after the first"
+    if case == "eos":
+        assert want.shape[1] < n and want[0, -1] == free[3]
+    if case == "suppress":
+        assert not set(want[0, 1:].tolist()) & set(free[1:4].tolist())
+
+
+@pytest.mark.parametrize("case", ["sampled", "no_loop", "suppress_outside"])
+def test_what_the_compiled_loop_does_not_cover_takes_refs_loop(tmp_path, monkeypatch, case):
+    """Sampling, a model told not to run the loop (greedy_loop False) and a suppressed id outside the output
+    table (ref's selection raises) go through ref's loop: its tokens, its error."""
+    d = _checkpoint(tmp_path)
+    if case == "suppress_outside":
+        (d / "generation_config.json").write_text('{"suppress_tokens": [100000]}')
+    model, peer = fast.load_model(d), ref.load_model(d)
+    model.greedy_loop = case != "no_loop"
+    chosen = _counted(monkeypatch, "_choose")
+    kw = {"temperature": 0.8, "seed": 5} if case == "sampled" else {}
+    ids = np.arange(3, 20)[None]
+    if case == "suppress_outside":
+        with pytest.raises(IndexError):
+            peer.generate(ids, max_new_tokens=4)
+        with pytest.raises(IndexError):
+            model.generate(ids, max_new_tokens=4)
+    else:
+        np.testing.assert_array_equal(model.generate(ids, max_new_tokens=6, **kw),
+                                      peer.generate(ids, max_new_tokens=6, **kw))
+    assert not chosen
+
+
+@settings(deadline=None, max_examples=60)
+@given(v=st.integers(1, 300), seed=st.integers(0, 9999), specials=st.integers(0, 6), suppress=st.integers(0, 5),
+       low=st.sampled_from([-2, -np.inf]))
+def test_the_greedy_choice_is_refs_selection(v, seed, specials, suppress, low):
+    """step._choose picks what ref.generate.select picks at temperature 0: the first of equal maxima (-0 equal
+    to +0), a NaN where one is left (numpy's argmax), never a suppressed id unless all is -inf (then id 0),
+    across blocks of maxima (CHOICE_BLOCK)."""
+    from ref.generate import select
+
+    rng = np.random.default_rng(seed)
+    logits = rng.integers(-2, 3, v).astype(np.float32)  # small integers: ties
+    if low == -np.inf:  # mostly -inf: the maximum may be -inf itself
+        logits[rng.random(v) < 0.9] = -np.inf
+    logits[rng.integers(0, v, specials)] = rng.choice(np.array([np.nan, -np.nan, np.inf, -np.inf, -0.0, 0.0],
+                                                               np.float32), specials)
+    ids = tuple(int(i) for i in rng.integers(0, v, suppress))
+    held = np.zeros(v, bool)
+    held[list(ids)] = True
+    want = int(select(logits[None], ids, 0.0, None, None, None)[0])
+    assert step._choose(logits, held) == want
+
+
+@pytest.mark.parametrize("logits, suppress", [
+    ([-0.0, 0.0], ()), ([-1.0, -0.0, 0.0], ()), ([0.0, -0.0], ()), ([1.0, -np.nan, np.nan], ()),
+    ([1.0, np.nan, 2.0], (1,)), ([-np.inf, -np.inf], (0,)), ([5.0, -np.inf], (0,)), ([np.nan], (0,))])
+def test_the_greedy_choice_on_signed_zeros_nans_and_all_minus_infinity(logits, suppress):
+    """The cases a draw may miss, each against ref's selection: -0 equals +0 (the first wins), a NaN with its
+    sign bit set (x86's default NaN) is still numpy's maximum, a suppressed NaN is not, and where all is
+    -inf id 0 wins, suppressed or not."""
+    from ref.generate import select
+
+    x = np.array(logits, np.float32)
+    held = np.zeros(x.size, bool)
+    held[list(suppress)] = True
+    assert step._choose(x, held) == int(select(x[None], suppress, 0.0, None, None, None)[0])
+
+
+def test_the_compiled_loops_embedding_is_refs(tmp_path):
+    """step._embed_token gives ref's embedding bit for bit, placeholders (image, audio, video) as pad."""
+    model = fast.load_model(_checkpoint(tmp_path))
+    cfg, s = model.config, step.DecodeStep(model.config, model.decoder_params, model.head)
+    x = np.empty((1, cfg.hidden_size), np.float32)
+    for t in [0, 1, 5, cfg.vocab_size - 1, cfg.pad_token_id, cfg.image_token_id, cfg.audio_token_id,
+              cfg.video_token_id]:
+        step._embed_token(t, s.table_bits, s.placeholders, cfg.pad_token_id, s.scale, x)
+        assert x.tobytes() == model.embed(np.array([[t]])).reshape(1, -1).tobytes(), t
+
+
 def test_the_steps_logits_go_only_to_its_own_output_and_only_once(tmp_path):
     """lm_head takes the logits the step computed only for the step's output itself (a view of its memory
     in its shape and order), the same table and cap, and once; anything else is computed by lm_head."""
@@ -124,10 +237,9 @@ def test_the_steps_typed_lists_live_as_long_as_their_cache(tmp_path):
     model = fast.load_model(_checkpoint(tmp_path))
     held = []
     model.generate(np.arange(3, 20)[None], max_new_tokens=4,
-                   on_token=lambda _: held.append(0 if model._step is None else
-                                                  (len(model._step._kv_lists), len(model._step._slot_lists))))
+                   on_token=lambda _: held.append((len(model._step._kv_lists), len(model._step._slot_lists))))
     gc.collect()
-    assert held == [0, (1, 1), (1, 1), (1, 1)]
+    assert held == [(0, 0), (1, 1), (1, 1), (1, 1)]  # the greedy loop builds the step before the prefill
     assert len(model._step._kv_lists) == 0 and len(model._step._slot_lists) == 0
 
 

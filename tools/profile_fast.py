@@ -9,8 +9,9 @@ goes" come from this tool.
 
 A prompt runs token-minor (fast/prefill.py: its functions' rows); `--prefill-layer-code` runs it through
 ref's layer code with fast's kernels instead. A decoding step runs compiled whole (fast/step.py): its
-layers are one row, `_layers`, and the Python around them (the cache's slots, the masks, RoPE tables) the
-row `DecodeStep.__call__`. `--layer-code` decodes through ref's layer code with fast's kernels instead,
+layers are one row, `_layers`, the Python around them (the cache's slots, the masks, RoPE tables) the
+row `DecodeStep._run`, and greedy decoding's embedding and choice (its compiled loop) `_embed_token` and
+`_choose`. `--layer-code` decodes through ref's layer code with fast's kernels instead,
 which splits the step kernel by kernel. `--stages` splits the compiled step instead, stage by stage
 (`stage_profile`): a copy of it reads the CPU's cycle counter at every barrier its threads meet at.
 
@@ -61,7 +62,9 @@ PREFILL_ROWS = {  # fast.prefill function -> what its own time is
 }
 STEP_ROWS = {  # fast.step names -> what their own time is
     "_layers": "decode: every layer compiled whole (GEMVs, attention, norms, RoPE, GELU), the final norm, the head",
-    "DecodeStep.__call__": "decode: the step's Python side (slots, masks, RoPE tables)",
+    "DecodeStep._run": "decode: the step's Python side (slots, masks, RoPE tables)",
+    "_embed_token": "decode: the token's embedding (the greedy loop's, compiled)",
+    "_choose": "decode: the greedy choice (the greedy loop's, compiled)",
 }
 
 
@@ -108,7 +111,8 @@ def instrument(model) -> Timers:
 
     timers = Timers()
     places = [(cpu, name, name) for name in ROWS] + [(prefill, name, name) for name in PREFILL_ROWS] + [
-        (step, "_layers", "_layers"), (step.DecodeStep, "__call__", "DecodeStep.__call__")]
+        (step, name, name) for name in ("_layers", "_embed_token", "_choose")] + [
+        (step.DecodeStep, "_run", "DecodeStep._run")]
     for owner, attr, row in places:
         timers.saved.append((owner, attr, getattr(owner, attr)))
         setattr(owner, attr, timers.wrap(row, getattr(owner, attr)))
