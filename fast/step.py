@@ -459,11 +459,13 @@ class DecodeStep(StepPlan):
 
     def greedy_covers(self, suppress: tuple) -> bool:
         """Whether `greedy` can decode this model with these suppressed ids: the step runs it and has the
-        head, a bf16 embedding at least as long as the head, every suppressed id an id of the head (else
-        ref's selection, which raises for an id past the end)."""
+        head, a bf16 embedding at least as long as the head with a row for the pad id (a placeholder's), and
+        every suppressed id is an id of the head (else ref's loop, whose selection or embedding raises for
+        an id past the end where `_embed_token` would read past it)."""
         V = self.head_bits.shape[0]
         return (self.ok and self.head is not None and self.table_bits is not None
-                and self.table_bits.shape[0] >= V and all(0 <= t < V for t in suppress))
+                and self.table_bits.shape[0] >= V and 0 <= self.cfg.pad_token_id < self.table_bits.shape[0]
+                and all(0 <= t < V for t in suppress))
 
     def greedy(self, token: int, position: int, cache, count: int, eos: tuple, suppress: tuple,
                on_token=None) -> list[int]:

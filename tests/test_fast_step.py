@@ -142,13 +142,15 @@ def test_greedy_decoding_of_one_sequence_runs_the_compiled_loop_with_refs_tokens
         assert not set(want[0, 1:].tolist()) & set(free[1:4].tolist())
 
 
-@pytest.mark.parametrize("case", ["sampled", "no_loop", "suppress_outside"])
+@pytest.mark.parametrize("case", ["sampled", "no_loop", "suppress_outside", "pad_outside"])
 def test_what_the_compiled_loop_does_not_cover_takes_refs_loop(tmp_path, monkeypatch, case):
-    """Sampling, a model told not to run the loop (greedy_loop False) and a suppressed id outside the output
-    table (ref's selection raises) go through ref's loop: its tokens, its error."""
+    """Sampling, a model told not to run the loop (greedy_loop False), a suppressed id outside the output
+    table (ref's selection raises) and a pad id outside the embedding (a placeholder's row) go through
+    ref's loop: its tokens, its error."""
     d = _checkpoint(tmp_path)
-    if case == "suppress_outside":
-        (d / "generation_config.json").write_text('{"suppress_tokens": [100000]}')
+    if case in ("suppress_outside", "pad_outside"):
+        gen = {"suppress_tokens": [100000]} if case == "suppress_outside" else {"pad_token_id": 100000}
+        (d / "generation_config.json").write_text(json.dumps(gen))
     model, peer = fast.load_model(d), ref.load_model(d)
     model.greedy_loop = case != "no_loop"
     chosen = _counted(monkeypatch, "_choose")
