@@ -4,8 +4,10 @@
 loader, processors, masks and sampling are ref's; only the kernels (fast/cpu.py, fast/gpu.py) and the
 KV cache differ, and on the CPU a prompt of one sequence runs with the tokens along the columns
 (fast/prefill.py) and a cached one-token step runs those kernels from one compiled function
-(fast/step.py); on a GPU a prompt of one sequence runs fused kernels (fast/gpu_prefill.py) and a cached
-step is one CUDA graph (fast/gpu_step.py). Results equal ref's to float32 rounding.
+(fast/step.py), in whose loop greedy decoding of one sequence runs its tokens (ref's greedy choice,
+compiled); on a GPU a prompt of one
+sequence runs fused kernels (fast/gpu_prefill.py) and a cached step is one CUDA graph
+(fast/gpu_step.py). Results equal ref's to float32 rounding.
 """
 
 from __future__ import annotations
