@@ -40,9 +40,9 @@ def select(logits: np.ndarray, suppress: tuple[int, ...], temperature: float, to
 def prepare(model, input_ids, max_new_tokens: int, attention_mask=None, mm_token_type_ids=None,
             use_cache: bool = True, **media) -> tuple:
     """What generation's first step takes: input_ids [B, T] (+ media as for `Model.forward`) -> (x [B, T, D]
-    the prompt's embeddings, positions, key_ok, block [B, T], a KV cache for T + max_new_tokens tokens or
-    None). RoPE positions count real tokens only (cumsum of attention_mask - 1), as HF's generate. A fully
-    bidirectional model gets no cache (see above)."""
+    the prompt's embeddings, positions, key_ok, block [B, T], a KV cache for T + max_new_tokens tokens, or
+    None without use_cache). RoPE positions count real tokens only (cumsum of attention_mask - 1), as HF's
+    generate. A fully bidirectional model gets no cache (the module's docstring says why)."""
     cfg = model.config
     ids = np.asarray(input_ids, np.int64)
     B, T = ids.shape
