@@ -397,7 +397,7 @@ class DecodeStep(StepPlan):
         self.head_bits = cpu._read_only(head.bits if self.head is not None else
                                         np.zeros((0, cfg.hidden_size), np.uint16))
         table = params.embed_tokens.weight  # the embedding, for greedy decoding's compiled loop (`greedy`)
-        self.table_bits = table.bits if isinstance(table, Bf16) else None
+        self.table_bits = cpu._read_only(table.bits) if isinstance(table, Bf16) else None  # one Numba type
         self.placeholders = np.array([cfg.image_token_id, cfg.audio_token_id, cfg.video_token_id], np.int64)
         self.scale = np.float32(cfg.hidden_size**0.5)
         self.cap = np.float32(cfg.final_logit_softcapping or 0)
