@@ -11,7 +11,7 @@ reaches all of them alike; each round's prefill ratios are printed under the tab
 The machine's limits are measured in the same run, right before the first round and after the last:
 float32 GEMM peak (the bound for prefill) and memory read bandwidth (decode must stream every weight once
 per token): the best of probes over fresh 1 GB buffers and a read of each CPU backend's own weight
-buffers, the memory its decode streams.
+buffers, the memory its decode streams. Every backend is set against the run's best readings.
 
 For numpy's OpenBLAS to use its best kernels, run it as
 `env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python -m fast.bench` where those are set.
@@ -312,8 +312,11 @@ def measure(runners: list, repeats: int, limits=cpu_limits, settle: float = SETT
     before the twenty-ninth session), put fast's prefill at 0.96-1.21x HF float32. `settle`
     seconds pass before each call, untimed, so the thread pools of the backend before it (OpenBLAS's,
     torch's, Numba's) stop spinning first. The CPU limits are read before the first round and after the
-    last (`limits(buffers)` per CPU backend; the better of each is kept).
-    -> {name: (per-round prefill seconds, decode gaps over every round, limits or None)}."""
+    last (`limits(buffers)` per CPU backend -> peak, bandwidth, own buffers' speed), and every CPU backend is
+    set against the best peak and the best bandwidth of all of them: with the calls interleaved, no
+    backend's readings are nearer its calls than another's, and readings a minute apart moved by up to 30 %
+    (thirty-third session, Ice Lake), which set each row against its own readings had let into the rows.
+    -> {name: (per-round prefill seconds, decode gaps over every round, (peak, bw, own) or None)}."""
     before = {r.name: limits(r.buffers) for r in runners if r.buffers is not None}
     prefill = {r.name: [] for r in runners}
     gaps = {r.name: [] for r in runners}
@@ -326,8 +329,10 @@ def measure(runners: list, repeats: int, limits=cpu_limits, settle: float = SETT
             prefill[r.name].append(stamps[0] - t0)
             gaps[r.name] += list(np.diff(stamps))
     after = {r.name: limits(r.buffers) for r in runners if r.buffers is not None}
+    readings = list(before.values()) + list(after.values())
+    peak, bw = (max(r[0] for r in readings), max(r[1] for r in readings)) if readings else (None, None)
     return {r.name: (prefill[r.name], gaps[r.name],
-                     tuple(map(max, before[r.name], after[r.name])) if r.buffers is not None else None)
+                     (peak, bw, max(before[r.name][2], after[r.name][2])) if r.buffers is not None else None)
             for r in runners}
 
 
@@ -533,10 +538,10 @@ def main(argv=None) -> int:
           "the head and the last layer's query side, which only the last token's logits read, on that token "
           "alone) over the 2048^3 sgemm peak (the best BLAS here); of GEMMs: the float32 BLAS time of those "
           "GEMMs over the prefill time; "
-          "of bw: weight bytes per token over the read bandwidth; peak (GFLOP/s), bw (GB/s): the limits read "
-          "before the first round and after the last, the better of each, bw the best of 1 GB probes "
-          "and a read of the backend's own weight buffers (own, GB/s), which a host may place in faster or "
-          "slower memory than a probe's")
+          "of bw: weight bytes per token over the read bandwidth; peak (GFLOP/s), bw (GB/s): the best of the "
+          "limits read before the first round and after the last, for every backend alike, bw the best of 1 GB "
+          "probes and reads of the backends' own weight buffers; own (GB/s): this backend's own buffers, which "
+          "a host may place in faster or slower memory than a probe's")
     if args.json:  # whole or not at all: a file written beside it, then renamed over the destination
         part = args.json.with_name(args.json.name + ".part")
         part.write_text(json.dumps({"rows": rows, "gemm_bound_s": bound}, indent=1))

@@ -52,7 +52,8 @@ def test_bench_runs_and_reports_every_backend(tmp_path, capsys):
 def test_measure_interleaves_the_backends_round_by_round():
     """Each round calls every backend once, in the given order in even rounds and reversed in odd ones; each
     backend's prefill is its calls' first-token times, its decode gaps those of all its calls; the limits
-    are read for each CPU backend before the first round and after the last, the better of each kept."""
+    are read for each CPU backend before the first round and after the last, and every CPU backend is set
+    against the best peak and bandwidth of all those readings, its own buffers' speed beside them."""
     from fast import bench
 
     calls, clock = [], [0.0]
@@ -77,8 +78,10 @@ def test_measure_interleaves_the_backends_round_by_round():
     got = bench.measure(runners, 3, limits=limits, settle=0)
     assert calls == ["a", "b", "gpu", "gpu", "b", "a", "a", "b", "gpu"]
     assert read == [("A", 0), ("B", 0), ("A", 9), ("B", 9)]  # before the first call and after the last
-    assert got["a"] == ([1.0] * 3, [0.5, 1.0] * 3, (2.0, 5.0, 2.0))
-    assert got["b"] == ([2.0] * 3, [0.25, 0.5] * 3, (3.0, 1.0, 4.0))
+    # readings (peak, bw, own): a (1, 5, 2) then (2, 2, 2), b (3, 1, 4) then (1, 1, 1). The run's best peak is
+    # b's 3 and its best bandwidth a's 5, for both rows; own stays each backend's best: a 2, b 4.
+    assert got["a"] == ([1.0] * 3, [0.5, 1.0] * 3, (3.0, 5.0, 2.0))
+    assert got["b"] == ([2.0] * 3, [0.25, 0.5] * 3, (3.0, 5.0, 4.0))
     assert got["gpu"] == ([0.5] * 3, [0.125, 0.25] * 3, None)
 
 
