@@ -5,9 +5,8 @@ loader, processors, masks and sampling are ref's; only the kernels (fast/cpu.py,
 KV cache differ, and on the CPU a prompt of one sequence runs with the tokens along the columns
 (fast/prefill.py) and a cached one-token step runs those kernels from one compiled function
 (fast/step.py), in whose loop greedy decoding of one sequence runs its tokens (ref's greedy choice,
-compiled); on a GPU a prompt of one
-sequence runs fused kernels (fast/gpu_prefill.py) and a cached step is one CUDA graph
-(fast/gpu_step.py). Results equal ref's to float32 rounding.
+compiled); on a GPU a prompt of one sequence runs fused kernels (fast/gpu_prefill.py) and a cached step
+is one CUDA graph (fast/gpu_step.py). Results equal ref's to float32 rounding.
 """
 
 from __future__ import annotations
@@ -29,6 +28,17 @@ from .vectors import prefer_512_bit_vectors
 
 WIDE_VECTORS = prefer_512_bit_vectors()  # before any fast module defines a kernel (fast/vectors.py)
 DEVICES = ("cpu", "gpu")
+
+
+def _generate_arguments(model, args, kwargs) -> dict:
+    """A call of Model.generate's arguments -> {name: value}, defaults filled in."""
+    call = inspect.signature(Model.generate).bind(model, *args, **kwargs)
+    call.apply_defaults()
+    return call.arguments
+
+
+_MEDIA_ARGUMENTS = tuple(k for k in inspect.signature(Model.embed).parameters  # pixel_values ... input_features_mask
+                         if k not in ("self", "input_ids", "trace"))
 
 
 class _StepLogits:
@@ -86,14 +96,12 @@ class CpuModel(_StepLogits, Model):
         model, runs ref's preparation, prefill and first choice, then every later token in the step's
         compiled loop (DecodeStep.greedy): ref's loop spends ~0.3 ms of Python a token on caches that the
         step's weights have just swept (~2 % of a bench token); the tokens are the same (tested)."""
-        call = inspect.signature(Model.generate).bind(self, *args, **kwargs)
-        call.apply_defaults()
-        a, cfg = call.arguments, self.config
+        a, cfg = _generate_arguments(self, args, kwargs), self.config
         if not (self.greedy_loop and self.whole_step and not a["temperature"] and a["use_cache"]
                 and np.ndim(a["input_ids"]) == 2 and np.shape(a["input_ids"])[0] == 1 and a["max_new_tokens"] > 1
                 and cfg.bidirectional != "all" and self._decode_step().greedy_covers(cfg.suppress_tokens)):
             return super().generate(*args, **kwargs)
-        media = {k: a[k] for k in inspect.signature(Model.embed).parameters if k not in ("self", "input_ids", "trace")}
+        media = {k: a[k] for k in _MEDIA_ARGUMENTS}
         x, positions, key_ok, block, cache = prepare(self, a["input_ids"], a["max_new_tokens"], a["attention_mask"],
                                                      a["mm_token_type_ids"], True, **media)
         h = self.run_decoder(x, positions, key_ok, block, cache, last_only=True)
@@ -145,9 +153,7 @@ class GpuModel(_StepLogits, Model):
         """Model.generate. Greedy decoding of one sequence with whole steps runs each step ahead on the token
         the device chose (fast/gpu_step.py: speculated steps), so the GPU need not wait for the host between
         tokens; the tokens are the same."""
-        call = inspect.signature(Model.generate).bind(self, *args, **kwargs)
-        call.apply_defaults()
-        a = call.arguments
+        a = _generate_arguments(self, args, kwargs)
         self._greedy = self.speculate and not a["temperature"] and np.shape(a["input_ids"])[0] == 1
         # a cached generate hands embeddings to the decoder only (without a cache it concatenates them)
         self._embed_here = a["use_cache"] and self.config.bidirectional != "all"

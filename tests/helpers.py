@@ -59,18 +59,18 @@ def synthetic_patches(rng, n_images, budget, grids):
     return pv, pos
 
 
-def count_step_calls(monkeypatch) -> list:
-    """Wrap fast.step._layers (the compiled decoding step) so each call appends to the returned list: a
-    test can assert that the step ran, and how often."""
+def count_step_calls(monkeypatch, name: str = "_layers") -> list:
+    """Wrap fast.step's function `name` (default `_layers`, the compiled decoding step; `_choose`, the greedy
+    loop's choice) so each call appends to the returned list: a test can assert that it ran, and how often."""
     from fast import step
 
-    calls, real = [], step._layers
+    calls, real = [], getattr(step, name)
 
     def counted(*args):
         calls.append(1)
         return real(*args)
 
-    monkeypatch.setattr(step, "_layers", counted)
+    monkeypatch.setattr(step, name, counted)
     return calls
 
 

@@ -101,13 +101,6 @@ def test_generate_uses_the_compiled_step_and_gives_refs_tokens(tmp_path, monkeyp
     np.testing.assert_array_equal(got, ref.load_model(d).generate(ids, max_new_tokens=6))
 
 
-def _counted(monkeypatch, name: str) -> list:
-    """Wrap fast.step's function `name` so each call appends to the returned list."""
-    calls, real = [], getattr(step, name)
-    monkeypatch.setattr(step, name, lambda *a: calls.append(1) or real(*a))
-    return calls
-
-
 @pytest.mark.parametrize("case", ["plain", "softcap", "eos", "suppress", "padded", "one", "untied"])
 def test_greedy_decoding_of_one_sequence_runs_the_compiled_loop_with_refs_tokens(tmp_path, monkeypatch, case):
     """Greedy decoding of one sequence runs its steps in DecodeStep.greedy (embedding, layers, head and the
@@ -126,7 +119,7 @@ def test_greedy_decoding_of_one_sequence_runs_the_compiled_loop_with_refs_tokens
                {"suppress_tokens": sorted({int(t) for t in free[1:4]})})  # the ids ref picked there
         (d / "generation_config.json").write_text(json.dumps(gen))
     seen, want_seen = [], []
-    chosen = _counted(monkeypatch, "_choose")
+    chosen = count_step_calls(monkeypatch, "_choose")
     got = fast.load_model(d).generate(ids, max_new_tokens=n, attention_mask=mask,
                                       on_token=lambda t: seen.append(t.copy()))
     want = ref.load_model(d).generate(ids, max_new_tokens=n, attention_mask=mask,
@@ -153,7 +146,7 @@ def test_what_the_compiled_loop_does_not_cover_takes_refs_loop(tmp_path, monkeyp
         (d / "generation_config.json").write_text(json.dumps(gen))
     model, peer = fast.load_model(d), ref.load_model(d)
     model.greedy_loop = case != "no_loop"
-    chosen = _counted(monkeypatch, "_choose")
+    chosen = count_step_calls(monkeypatch, "_choose")
     kw = {"temperature": 0.8, "seed": 5} if case == "sampled" else {}
     ids = np.arange(3, 20)[None]
     if case == "suppress_outside":
