@@ -505,7 +505,7 @@ def test_rms_norm_rounds_as_hfs():
 
 def test_parity_sweep_tool_runs_and_fails_past_its_bound(capsys):
     """tools/parity_sweep.py at a small width and prompt: one line per draw and a worst line, exit 0 within
-    the bound; with a bound of 0 (no float32 port meets it) exit 1."""
+    the bound; with a bound of 0 (no float32 port meets it) exit 1; with the switches and media drawn too."""
     import importlib.util
     from pathlib import Path
 
@@ -518,3 +518,8 @@ def test_parity_sweep_tool_runs_and_fails_past_its_bound(capsys):
     out = capsys.readouterr().out
     assert out.count("HF float32 vs float64") == 2 and "worst: ref" in out and "ref median" in out
     assert tool.main(small + ["--tol", "0"]) == 1
+    capsys.readouterr()
+    # the switches and media drawn into one prompt: they show in the draw's line, and HF and ours agree
+    assert tool.main(small + ["--switches", "--media", "--seed", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert all("bidir " in line and "; media 1/" in line and " 3/" in line for line in lines[:2])
