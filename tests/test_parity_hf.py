@@ -157,6 +157,23 @@ def test_bf16_checkpoint(tmp_path, worst, load):
     assert worst["bf16"] <= TOL
 
 
+def test_float16_checkpoint(tmp_path, worst, load):
+    """A checkpoint saved in float16 (save_pretrained after .half()): held as stored, computed in float32 from
+    the stored values as HF loads it in float32; logits and greedy tokens HF's."""
+    hf, ours = _pair(tmp_path, {}, seed=8, dtype=torch.float16, load=load)
+    assert ours.params.language_model.embed_tokens.weight.dtype == np.float16  # kept as stored
+    rng = np.random.default_rng(4)
+    ids, types, media = _media(ours.config, rng)
+    want = hf_peer.forward(hf, ids, types, **media)
+    got = ours.forward(ids, mm_token_type_ids=types, **media)
+    worst["float16"] = _rel(got, want)
+    assert worst["float16"] <= TOL
+    text = rng.integers(3, 400, (1, 30))
+    cfg = ours.config
+    tokens = hf_peer.greedy(hf, text, None, 5, suppress=cfg.suppress_tokens, eos=cfg.eos_token_ids)
+    np.testing.assert_array_equal(ours.generate(text, max_new_tokens=5)[:, :tokens.shape[1]], tokens)
+
+
 def test_real_processor_output_through_both(tmp_path, load):
     """pixel_values from ref.preprocess_images (a real resize), not synthetic patches."""
     hf, ours = _pair(tmp_path, {}, seed=6, load=load)
