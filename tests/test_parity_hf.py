@@ -174,6 +174,22 @@ def test_float16_checkpoint(tmp_path, worst, load):
     np.testing.assert_array_equal(ours.generate(text, max_new_tokens=5)[:, :tokens.shape[1]], tokens)
 
 
+def test_untied_output_head(tmp_path, worst, load):
+    """tie_word_embeddings false: HF writes lm_head.weight, and the logits come from it, not the embedding."""
+    hf_cfg = tiny_hf_dict()
+    hf_cfg["tie_word_embeddings"] = hf_cfg["text_config"]["tie_word_embeddings"] = False
+    hf = hf_peer.build(hf_cfg, 9)
+    assert hf.lm_head.weight.data_ptr() != hf.model.language_model.embed_tokens.weight.data_ptr()
+    ours = load(hf_peer.save(hf, tmp_path / "ckpt"))
+    ids = np.random.default_rng(5).integers(3, 400, (1, 30))
+    want = hf_peer.forward(hf, ids)
+    worst["untied"] = _rel(ours.forward(ids), want)
+    assert worst["untied"] <= TOL
+    cfg = ours.config
+    tokens = hf_peer.greedy(hf, ids, None, 5, suppress=cfg.suppress_tokens, eos=cfg.eos_token_ids)
+    np.testing.assert_array_equal(ours.generate(ids, max_new_tokens=5)[:, :tokens.shape[1]], tokens)
+
+
 def test_real_processor_output_through_both(tmp_path, load):
     """pixel_values from ref.preprocess_images (a real resize), not synthetic patches."""
     hf, ours = _pair(tmp_path, {}, seed=6, load=load)
