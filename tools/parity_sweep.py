@@ -15,7 +15,7 @@ end: below 1, closer to exact than HF's float32.
 
 `--switches` also draws the config's other switches (KV sharing and double-wide MLPs, bidirectional
 attention, soft-capping, attention biases, the global layers' rotary fraction), and `--media` puts an image
-(up to 280 soft tokens), an audio clip and, every other draw, a video of 2-4 frames into each prompt, with
+(up to 252 soft tokens), an audio clip and, every other draw, a video of 2-4 frames into each prompt, with
 text around them to the drawn length: at these widths fast's token-minor prompt pass and its tiled
 attention meet the image and video blocks that tests/test_parity_hf.py's tiny configs only meet small.
 
@@ -76,7 +76,7 @@ def draw_switches(rng: np.random.Generator, text: dict) -> dict:
 
 
 def media_prompt(rng: np.random.Generator, cfg, length: int) -> tuple[np.ndarray, np.ndarray, dict]:
-    """A prompt of about `length` tokens (at least the media's) around one image of 4-280 soft tokens (a
+    """A prompt of about `length` tokens (at least the media's) around one image of 4-252 soft tokens (a
     random grid, its budget padded past it), one audio clip of 4-60 frames and, in every other draw, one
     video of 2-4 frames of 4-70 soft tokens -> (ids [1, T], mm_token_type_ids [1, T], media arguments)."""
     rows, cols = int(rng.integers(2, 15)), int(rng.integers(2, 19))
