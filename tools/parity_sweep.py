@@ -131,7 +131,8 @@ def main(argv=None) -> int:
     ap.add_argument("--global-head-dims", default="128,256", help="global layers' head dims to draw from")
     ap.add_argument("--switches", action="store_true",
                     help="also draw KV sharing, double-wide MLPs, bidirectional attention, soft-capping, biases")
-    ap.add_argument("--media", action="store_true", help="an image, audio and (every other draw) a video in each prompt")
+    ap.add_argument("--media", action="store_true",
+                    help="an image, audio and (every other draw) a video in each prompt")
     args = ap.parse_args(argv)
     names = args.backends.split(",")
     if not names or not set(names) <= {"ref", "fast"}:
@@ -188,7 +189,8 @@ def main(argv=None) -> int:
                 logits = ours.forward(ids, mm_token_type_ids=types, **media)
                 err = _rel(logits, want)
                 ratios[name].append(_rel(logits, exact) / hf_error)
-                same = np.array_equal(ours.generate(ids, mm_token_type_ids=types, max_new_tokens=args.new_tokens, **media)[:, :tokens.shape[1]], tokens)
+                got = ours.generate(ids, mm_token_type_ids=types, max_new_tokens=args.new_tokens, **media)
+                same = np.array_equal(got[:, :tokens.shape[1]], tokens)
                 worst[name] = max(worst[name], err)
                 bad += err > args.tol or not same
                 line += f"; {name} {err:.1e} ({ratios[name][-1]:.2f}x){'' if same else ' OTHER TOKENS'}"
