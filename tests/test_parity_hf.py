@@ -146,32 +146,33 @@ def test_text_only_left_padded_batch(tmp_path, name, worst, load):
     assert worst[name + "/padded"] <= TOL
 
 
-def test_bf16_checkpoint(tmp_path, worst, load):
-    hf, ours = _pair(tmp_path, {}, seed=5, dtype=torch.bfloat16, load=load)
-    assert type(ours.params.language_model.embed_tokens.weight).__name__ == "Bf16"  # kept as stored
-    rng = np.random.default_rng(3)
-    ids, types, media = _media(ours.config, rng)
-    want = hf_peer.forward(hf, ids, types, **media)
-    got = ours.forward(ids, mm_token_type_ids=types, **media)
-    worst["bf16"] = _rel(got, want)
-    assert worst["bf16"] <= TOL
-
-
-def test_float16_checkpoint(tmp_path, worst, load):
-    """A checkpoint saved in float16 (save_pretrained after .half()): held as stored, computed in float32 from
-    the stored values as HF loads it in float32; logits and greedy tokens HF's."""
-    hf, ours = _pair(tmp_path, {}, seed=8, dtype=torch.float16, load=load)
-    assert ours.params.language_model.embed_tokens.weight.dtype == np.float16  # kept as stored
-    rng = np.random.default_rng(4)
-    ids, types, media = _media(ours.config, rng)
-    want = hf_peer.forward(hf, ids, types, **media)
-    got = ours.forward(ids, mm_token_type_ids=types, **media)
-    worst["float16"] = _rel(got, want)
-    assert worst["float16"] <= TOL
-    text = rng.integers(3, 400, (1, 30))
+def _greedy_is_hfs(hf, ours, ids, n: int = 5) -> None:
+    """ours.generate's greedy tokens for text ids [1, T] are HF's by full recomputation, as far as HF's run
+    goes (it stops at an eos id of ours' config), with ours' suppressed ids."""
     cfg = ours.config
-    tokens = hf_peer.greedy(hf, text, None, 5, suppress=cfg.suppress_tokens, eos=cfg.eos_token_ids)
-    np.testing.assert_array_equal(ours.generate(text, max_new_tokens=5)[:, :tokens.shape[1]], tokens)
+    tokens = hf_peer.greedy(hf, ids, None, n, suppress=cfg.suppress_tokens, eos=cfg.eos_token_ids)
+    np.testing.assert_array_equal(ours.generate(ids, max_new_tokens=n)[:, :tokens.shape[1]], tokens)
+
+
+# kind -> (dtype saved, whether ours keeps the embedding as stored, model seed, prompt seed)
+HALF_CHECKPOINTS = {"bf16": (torch.bfloat16, lambda w: type(w).__name__ == "Bf16", 5, 3),
+                    "float16": (torch.float16, lambda w: w.dtype == np.float16, 8, 4)}
+
+
+@pytest.mark.parametrize("kind", sorted(HALF_CHECKPOINTS))
+def test_half_precision_checkpoint(tmp_path, worst, load, kind):
+    """A checkpoint saved in bf16 or float16 (save_pretrained after .to(dtype)): held as stored, computed in
+    float32 from the stored values as HF loads it in float32; logits and greedy tokens HF's."""
+    dtype, as_stored, seed, prompt_seed = HALF_CHECKPOINTS[kind]
+    hf, ours = _pair(tmp_path, {}, seed=seed, dtype=dtype, load=load)
+    assert as_stored(ours.params.language_model.embed_tokens.weight)
+    rng = np.random.default_rng(prompt_seed)
+    ids, types, media = _media(ours.config, rng)
+    want = hf_peer.forward(hf, ids, types, **media)
+    got = ours.forward(ids, mm_token_type_ids=types, **media)
+    worst[kind] = _rel(got, want)
+    assert worst[kind] <= TOL
+    _greedy_is_hfs(hf, ours, rng.integers(3, 400, (1, 30)))
 
 
 def test_untied_output_head(tmp_path, worst, load):
@@ -185,9 +186,7 @@ def test_untied_output_head(tmp_path, worst, load):
     want = hf_peer.forward(hf, ids)
     worst["untied"] = _rel(ours.forward(ids), want)
     assert worst["untied"] <= TOL
-    cfg = ours.config
-    tokens = hf_peer.greedy(hf, ids, None, 5, suppress=cfg.suppress_tokens, eos=cfg.eos_token_ids)
-    np.testing.assert_array_equal(ours.generate(ids, max_new_tokens=5)[:, :tokens.shape[1]], tokens)
+    _greedy_is_hfs(hf, ours, ids)
 
 
 def test_real_processor_output_through_both(tmp_path, load):
