@@ -46,14 +46,15 @@ def multimodal_prompt(cfg, rng, n_text=5, image_tokens=(), video_frames=(), audi
     return np.array([ids], np.int64), np.array([types], np.int64)
 
 
-def synthetic_patches(rng, n_images, budget, grids):
-    """Random pixel patches in HF's layout: [N, budget, 6912] and (x, y) positions with -1 padding.
-    grids: (rows, cols) of real patches per image."""
-    pv = np.zeros((n_images, budget, 6912), np.float32)
+def synthetic_patches(rng, n_images, budget, grids, patch_dim=6912):
+    """Random pixel patches in HF's layout: [N, budget, patch_dim] and (x, y) positions with -1 padding.
+    grids: (rows, cols) of real patches per image; patch_dim: a merged patch's values (48 * 48 * 3 for
+    the real model's 16 px patches merged 3 x 3)."""
+    pv = np.zeros((n_images, budget, patch_dim), np.float32)
     pos = np.full((n_images, budget, 2), -1, np.int64)
     for i, (r, c) in enumerate(grids):
         n = r * c
-        pv[i, :n] = rng.uniform(0, 1, (n, 6912))
+        pv[i, :n] = rng.uniform(0, 1, (n, patch_dim))
         y, x = np.divmod(np.arange(n), c)
         pos[i, :n, 0], pos[i, :n, 1] = x, y
     return pv, pos

@@ -85,13 +85,20 @@ CONFIGS = {
 
 
 def _media(cfg, rng):
-    pv, pos = synthetic_patches(rng, 2, 70, [(2, 3), (3, 2)])
-    vv, vpos = synthetic_patches(rng, 3, 70, [(2, 2)] * 3)
-    af = rng.normal(0, 0.2, (2, 4, 640)).astype(np.float32)
-    am = np.array([[True] * 4, [True] * 2 + [False] * 2])
-    ids, types = multimodal_prompt(cfg, rng, image_tokens=[6, 6], video_frames=[4, 4, 4], audio_tokens=[4, 2])
-    media = dict(pixel_values=pv, image_position_ids=pos, pixel_values_videos=vv, video_position_ids=vpos,
-                 num_frames_per_video=np.array([3]), input_features=af, input_features_mask=am)
+    """A prompt with two images, a three-frame video and two audio clips (one padded), or with those of
+    them that cfg has embedders for, in cfg's patch and audio frame sizes -> ids, types, media."""
+    media = {}
+    if cfg.vision is not None:
+        pv, pos = synthetic_patches(rng, 2, 70, [(2, 3), (3, 2)], cfg.vision.patch_dim)
+        vv, vpos = synthetic_patches(rng, 3, 70, [(2, 2)] * 3, cfg.vision.patch_dim)
+        media.update(pixel_values=pv, image_position_ids=pos, pixel_values_videos=vv, video_position_ids=vpos,
+                     num_frames_per_video=np.array([3]))
+    if cfg.audio is not None:
+        af = rng.normal(0, 0.2, (2, 4, cfg.audio.audio_embed_dim)).astype(np.float32)
+        media.update(input_features=af, input_features_mask=np.array([[True] * 4, [True] * 2 + [False] * 2]))
+    seen, heard = cfg.vision is not None, cfg.audio is not None
+    ids, types = multimodal_prompt(cfg, rng, image_tokens=[6, 6] * seen, video_frames=[4, 4, 4] * seen,
+                                   audio_tokens=[4, 2] * heard)
     return ids, types, media
 
 
@@ -109,8 +116,15 @@ def worst():
         print(f"\nworst logits parity vs HF: {seen[name]:.2e} ({name})")
 
 
-def _pair(tmp_path, text_overrides, seed=0, dtype=torch.float32, load=ref.load_model):
+def _pair(tmp_path, text_overrides, seed=0, dtype=torch.float32, load=ref.load_model, media_configs=None):
+    """HF's model of tiny_hf_dict(**text_overrides), random weights, saved in dtype and loaded by `load`.
+    media_configs: {"vision_config" or "audio_config": keys to update in it, or None to leave it out}."""
     hf_cfg = tiny_hf_dict(**text_overrides)
+    for name, keys in (media_configs or {}).items():
+        if keys is None:
+            del hf_cfg[name]
+        else:
+            hf_cfg[name].update(keys)
     model = hf_peer.build(hf_cfg, seed)
     path = hf_peer.save(model, tmp_path / "ckpt", dtype)
     if dtype != torch.float32:
@@ -129,6 +143,40 @@ def test_multimodal_logits_match_hf(tmp_path, name, worst, load):
     key = f"{name}/{load.__module__}"
     worst[key] = _rel(got, want)
     assert worst[key] <= TOL, f"{name}: relative error {worst[key]:.2e}"
+
+
+# The media embedders' own switches (Gemma4UnifiedVisionConfig, Gemma4UnifiedAudioConfig), each on the tiny
+# preset; HF makes both sub-configs optional (a model without one has no embedder for it).
+MEDIA_CONFIGS = {
+    "patch_8_merged_2x2": {"vision_config": {"patch_size": 8, "pooling_kernel_size": 2}},
+    "patch_14_merged_3x3": {"vision_config": {"patch_size": 14, "pooling_kernel_size": 3}},
+    "patch_16_unmerged": {"vision_config": {"patch_size": 16, "pooling_kernel_size": 1}},
+    "vision_width_96": {"vision_config": {"mm_embed_dim": 96, "output_proj_dims": 96}},
+    "position_table_12": {"vision_config": {"mm_posemb_size": 12}},
+    "media_norm_eps": {"vision_config": {"rms_norm_eps": 0.3}, "audio_config": {"rms_norm_eps": 0.3}},
+    "audio_frames_of_32": {"audio_config": {"audio_embed_dim": 32}},
+    "no_vision": {"vision_config": None},
+    "no_audio": {"audio_config": None},
+    "text_only_model": {"vision_config": None, "audio_config": None},
+}
+
+
+@pytest.mark.parametrize("name", sorted(MEDIA_CONFIGS))
+def test_media_configs_match_hf(tmp_path, name, worst, load):
+    """Logits within TOL of HF's and HF's greedy tokens where the vision or audio config differs from the
+    real model's: other patch sizes and merges (so other patch vectors), embedder widths, position tables,
+    audio frame sizes, norm epsilons, and models without a vision or audio embedder (prompts then hold only
+    the media the model has)."""
+    hf, ours = _pair(tmp_path, {}, seed=len(name), load=load, media_configs=MEDIA_CONFIGS[name])
+    cfg = ours.config
+    ids, types, media = _media(cfg, np.random.default_rng(1))
+    want = hf_peer.forward(hf, ids, types, **media)
+    key = f"media/{name}/{load.__module__}"
+    worst[key] = _rel(ours.forward(ids, mm_token_type_ids=types, **media), want)
+    assert worst[key] <= TOL, f"{name}: relative error {worst[key]:.2e}"
+    tokens = hf_peer.greedy(hf, ids, types, 4, suppress=cfg.suppress_tokens, eos=cfg.eos_token_ids, **media)
+    got = ours.generate(ids, mm_token_type_ids=types, max_new_tokens=4, **media)
+    np.testing.assert_array_equal(got[:, :tokens.shape[1]], tokens)
 
 
 @pytest.mark.parametrize("name", ["default_pattern", "kv_shared_double_wide_mlp", "bidirectional_all"])
