@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import FULL, SLIDING, Config, LayerSpec
-from .layers import apply_rope, attention, gelu_tanh, linear, rms_norm, rope_cos_sin, rope_inv_freq, softcap
+from .layers import (apply_rope, attention, gelu_tanh, linear, matmul_t, rms_norm, rope_cos_sin, rope_inv_freq,
+                     softcap, upcast_block)
 from .masks import MaskSpec
 from .safetensors_io import to_f32
 
@@ -41,12 +42,9 @@ def mlp(h: np.ndarray, p) -> np.ndarray:
 
 def lm_head(h: np.ndarray, table, cap: float | None, chunk: int = 16384) -> np.ndarray:
     """h [B, T, D], table [V, D] -> soft-capped logits [B, T, V] float32. The (tied) table is upcast
-    `chunk` rows at a time so a bf16 vocabulary never exists in float32 as a whole."""
-    V = table.shape[0]
-    out = np.empty(h.shape[:-1] + (V,), np.float32)
-    for lo in range(0, V, chunk):
-        out[..., lo:lo + chunk] = h @ to_f32(table[lo:lo + chunk]).T
-    return softcap(out, cap)
+    `chunk` rows at a time so a bf16 vocabulary never exists in float32 as a whole (when decoding, as
+    `linear` does, in smaller blocks still)."""
+    return softcap(matmul_t(h, table, upcast_block(h, table) or chunk), cap)
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,36 @@ from .safetensors_io import to_f32
 F32_MIN = np.finfo(np.float32).min
 
 
+FEW_ROWS = 16  # rows of x (tokens) up to which a stored bf16/f16 matrix is upcast a block at a time
+UPCAST_ROWS = 32  # that block: 32 rows of the real model's widest input (15360) are 2 MB in float32
+
+
+def matmul_t(x: np.ndarray, w, block: int | None = None) -> np.ndarray:
+    """x [..., In] @ to_f32(w [Out, In])^T -> [..., Out] float32, w upcast `block` rows at a time (None: whole).
+
+    The float32 copy of a bf16 matrix is twice its size: upcast whole, it is written to memory and read
+    back for the product, three times the bytes of the weights it comes from. For a prompt that is a
+    small part of the work; for a decoded token, the whole of it: a block at a time stays in the cache
+    (a 15360 x 3840 matrix times one token, 2-core Xeon: 102 -> 21 ms; the values are the same).
+    """
+    if block is None:
+        return x @ to_f32(w).T
+    out = np.empty(x.shape[:-1] + (w.shape[0],), np.float32)
+    for lo in range(0, w.shape[0], block):
+        out[..., lo:lo + block] = x @ to_f32(w[lo:lo + block]).T
+    return out
+
+
+def upcast_block(x: np.ndarray, w) -> int | None:
+    """The `block` for matmul_t: UPCAST_ROWS where x has FEW_ROWS rows or fewer and w is not stored in
+    float32 (nothing to upcast then), else None."""
+    stored_f32 = getattr(w, "dtype", None) == np.float32
+    return UPCAST_ROWS if x.size <= FEW_ROWS * x.shape[-1] and not stored_f32 else None
+
+
 def linear(x: np.ndarray, w, b=None) -> np.ndarray:
     """[..., In] @ [Out, In]^T (+ [Out]) -> [..., Out]. nn.Linear."""
-    y = x @ to_f32(w).T
+    y = matmul_t(x, w, upcast_block(x, w))
     return y if b is None else y + to_f32(b)
 
 

@@ -42,7 +42,9 @@ class Bf16:
 
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
     """Exact: a bf16 is the top half of an f32. [...] uint16 -> [...] float32."""
-    return (bits.astype(np.uint32) << 16).view(np.float32)
+    wide = bits.astype(np.uint32)
+    wide <<= 16  # in place: one float32-sized array, not two
+    return wide.view(np.float32)
 
 
 def f32_to_bf16(x: np.ndarray) -> np.ndarray:
