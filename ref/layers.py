@@ -1,7 +1,8 @@
 """The numeric building blocks: linear, norms, gelu, RoPE, attention. All float32 (attention's scores: see `attention`).
 
 Weights arrive as stored (float32, float16 or Bf16 memory maps) and are upcast exactly at the
-point of use, one matrix at a time. Dimension letters: see `ref/__init__.py`.
+point of use, one matrix (for a decoded token, one block of its rows) at a time. Dimension letters:
+see `ref/__init__.py`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ F32_MIN = np.finfo(np.float32).min
 
 
 FEW_ROWS = 16  # rows of x (tokens) up to which a stored bf16/f16 matrix is upcast a block at a time
-UPCAST_ROWS = 32  # that block: 32 rows of the real model's widest input (15360) are 2 MB in float32
+UPCAST_BYTES = 1 << 19  # that block's float32 size: 512 KB (the fastest of 128 KB-2 MB at five shapes)
 
 
 def matmul_t(x: np.ndarray, w, block: int | None = None) -> np.ndarray:
@@ -24,7 +25,7 @@ def matmul_t(x: np.ndarray, w, block: int | None = None) -> np.ndarray:
     The float32 copy of a bf16 matrix is twice its size: upcast whole, it is written to memory and read
     back for the product, three times the bytes of the weights it comes from. For a prompt that is a
     small part of the work; for a decoded token, the whole of it: a block at a time stays in the cache
-    (a 15360 x 3840 matrix times one token, 2-core Xeon: 102 -> 21 ms; the values are the same).
+    (a 15360 x 3840 matrix times one token, 2-core Xeon: 102 -> 24 ms; the values are the same).
     """
     if block is None:
         return x @ to_f32(w).T
@@ -35,10 +36,11 @@ def matmul_t(x: np.ndarray, w, block: int | None = None) -> np.ndarray:
 
 
 def upcast_block(x: np.ndarray, w) -> int | None:
-    """The `block` for matmul_t: UPCAST_ROWS where x has FEW_ROWS rows or fewer and w is not stored in
-    float32 (nothing to upcast then), else None."""
+    """The `block` for matmul_t: the rows of w that make UPCAST_BYTES of float32, where x has FEW_ROWS rows
+    or fewer and w is not stored in float32 (nothing to upcast then); else None."""
     stored_f32 = getattr(w, "dtype", None) == np.float32
-    return UPCAST_ROWS if x.size <= FEW_ROWS * x.shape[-1] and not stored_f32 else None
+    few = x.size <= FEW_ROWS * x.shape[-1]
+    return max(1, UPCAST_BYTES // (4 * x.shape[-1])) if few and not stored_f32 else None
 
 
 def linear(x: np.ndarray, w, b=None) -> np.ndarray:
