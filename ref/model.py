@@ -7,6 +7,7 @@ Mirrors Gemma4UnifiedForConditionalGeneration.forward.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -49,9 +50,14 @@ class Model:
         return KVCache()
 
     def check_length(self, n: int) -> None:
+        """Warn where a call reaches n positions, past max_position_embeddings. The model computes there
+        anyway, as HF's does (RoPE takes any position; HF's generate warns too): a small test config may set
+        a low limit. `python -m ref.run` refuses such prompts instead."""
         limit = self.config.max_position_embeddings
         if n > limit:
-            raise ValueError(f"sequence of {n} tokens is longer than the model's limit of {limit} positions")
+            warnings.warn(f"this call reaches {n} positions, past the model's limit of {limit} "
+                          f"(max_position_embeddings); it computes them as HF does, beyond what the model "
+                          f"was trained on", UserWarning, stacklevel=3)
 
     def embed(self, input_ids, pixel_values=None, image_position_ids=None, pixel_values_videos=None,
               video_position_ids=None, num_frames_per_video=None, input_features=None, input_features_mask=None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -63,8 +64,13 @@ def test_finished_rows_are_padded_and_generation_stops(tmp_path):
         np.testing.assert_array_equal(got[1], free[1])  # the other row runs on to max_new_tokens
 
 
-def test_too_long_prompt_is_refused(model):
-    with pytest.raises(ValueError, match="longer than the model's limit of 2048"):
+def test_positions_past_the_models_limit_warn(model):
+    """Past max_position_embeddings the model computes, as HF's does, and warns once per call; at the limit
+    it is silent (tests/test_parity_hf.py compares the logits past it with HF's)."""
+    with pytest.warns(UserWarning, match="2049 positions, past the model's limit of 2048"):
         model.forward(np.zeros((1, 2049), np.int64))
-    with pytest.raises(ValueError, match="2050 tokens"):
+    with pytest.warns(UserWarning, match="2050 positions"):
         model.generate(np.zeros((1, 2040), np.int64), max_new_tokens=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.generate(np.zeros((1, 2040), np.int64), max_new_tokens=8)

@@ -202,6 +202,22 @@ def _greedy_is_hfs(hf, ours, ids, n: int = 5) -> None:
     np.testing.assert_array_equal(ours.generate(ids, max_new_tokens=n)[:, :tokens.shape[1]], tokens)
 
 
+def test_positions_past_max_position_embeddings_compute_as_hfs(tmp_path, worst, load):
+    """HF computes past max_position_embeddings (RoPE takes any position; its generate only warns), and a
+    small test config may set it below a prompt's length: ours computes too, with a warning that names the
+    limit, logits within TOL of HF's and HF's greedy tokens. (`python -m ref.run` refuses such a prompt.)"""
+    hf, ours = _pair(tmp_path, {"max_position_embeddings": 16}, seed=6, load=load)
+    ids = np.random.default_rng(6).integers(3, 400, (1, 40))
+    want = hf_peer.forward(hf, ids, None)
+    with pytest.warns(UserWarning, match="40 positions, past the model's limit of 16 "):
+        got = ours.forward(ids)
+    key = f"past_max_positions/{load.__module__}"
+    worst[key] = _rel(got, want)
+    assert worst[key] <= TOL
+    with pytest.warns(UserWarning, match="45 positions, past the model's limit of 16"):
+        _greedy_is_hfs(hf, ours, ids)
+
+
 # kind -> (dtype saved, whether ours keeps the embedding as stored, model seed, prompt seed)
 HALF_CHECKPOINTS = {"bf16": (torch.bfloat16, lambda w: type(w).__name__ == "Bf16", 5, 3),
                     "float16": (torch.float16, lambda w: w.dtype == np.float16, 8, 4)}
