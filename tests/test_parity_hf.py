@@ -106,6 +106,18 @@ def _rel(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
+def _media_logits_are_hfs(hf, ours, rng, worst, key):
+    """ours.forward on _media's prompt for ours' config: float32 logits of HF's shape within TOL of HF's
+    (the error kept in worst[key]) -> the prompt (ids, types, media)."""
+    ids, types, media = _media(ours.config, rng)
+    want = hf_peer.forward(hf, ids, types, **media)
+    got = ours.forward(ids, mm_token_type_ids=types, **media)
+    assert got.shape == want.shape and got.dtype == np.float32
+    worst[key] = _rel(got, want)
+    assert worst[key] <= TOL, f"{key}: relative error {worst[key]:.2e}"
+    return ids, types, media
+
+
 @pytest.fixture(scope="module")
 def worst():
     """Records the worst relative error over the module; printed at the end (pytest -s)."""
@@ -135,14 +147,7 @@ def _pair(tmp_path, text_overrides, seed=0, dtype=torch.float32, load=ref.load_m
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_multimodal_logits_match_hf(tmp_path, name, worst, load):
     hf, ours = _pair(tmp_path, CONFIGS[name], seed=len(name), load=load)
-    rng = np.random.default_rng(1)
-    ids, types, media = _media(ours.config, rng)
-    want = hf_peer.forward(hf, ids, types, **media)
-    got = ours.forward(ids, mm_token_type_ids=types, **media)
-    assert got.shape == want.shape and got.dtype == np.float32
-    key = f"{name}/{load.__module__}"
-    worst[key] = _rel(got, want)
-    assert worst[key] <= TOL, f"{name}: relative error {worst[key]:.2e}"
+    _media_logits_are_hfs(hf, ours, np.random.default_rng(1), worst, f"{name}/{load.__module__}")
 
 
 # The media embedders' own switches (Gemma4UnifiedVisionConfig, Gemma4UnifiedAudioConfig), each on the tiny
@@ -169,11 +174,8 @@ def test_media_configs_match_hf(tmp_path, name, worst, load):
     the media the model has)."""
     hf, ours = _pair(tmp_path, {}, seed=len(name), load=load, media_configs=MEDIA_CONFIGS[name])
     cfg = ours.config
-    ids, types, media = _media(cfg, np.random.default_rng(1))
-    want = hf_peer.forward(hf, ids, types, **media)
-    key = f"media/{name}/{load.__module__}"
-    worst[key] = _rel(ours.forward(ids, mm_token_type_ids=types, **media), want)
-    assert worst[key] <= TOL, f"{name}: relative error {worst[key]:.2e}"
+    ids, types, media = _media_logits_are_hfs(hf, ours, np.random.default_rng(1), worst,
+                                              f"media/{name}/{load.__module__}")
     tokens = hf_peer.greedy(hf, ids, types, 4, suppress=cfg.suppress_tokens, eos=cfg.eos_token_ids, **media)
     got = ours.generate(ids, mm_token_type_ids=types, max_new_tokens=4, **media)
     np.testing.assert_array_equal(got[:, :tokens.shape[1]], tokens)
@@ -231,11 +233,7 @@ def test_half_precision_checkpoint(tmp_path, worst, load, kind):
     hf, ours = _pair(tmp_path, {}, seed=seed, dtype=dtype, load=load)
     assert as_stored(ours.params.language_model.embed_tokens.weight)
     rng = np.random.default_rng(prompt_seed)
-    ids, types, media = _media(ours.config, rng)
-    want = hf_peer.forward(hf, ids, types, **media)
-    got = ours.forward(ids, mm_token_type_ids=types, **media)
-    worst[kind] = _rel(got, want)
-    assert worst[kind] <= TOL
+    _media_logits_are_hfs(hf, ours, rng, worst, kind)
     _greedy_is_hfs(hf, ours, rng.integers(3, 400, (1, 30)))
 
 
